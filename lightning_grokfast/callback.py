@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -29,8 +30,9 @@ class GrokfastCallback(Callback):
     On the steps that reach the logger (``log_every_n_steps``) it logs ``grokfast/amplification``
     (``||filtered grad|| / ||raw grad||``), ``grokfast/slow_ratio`` (``||lamb * slow|| / ||raw grad||``),
     ``grokfast/cosine`` (between the raw gradient and the slow component) and ``grokfast/skipped_steps``
-    (steps skipped because a gradient held inf or NaN). With several optimizers the keys end in
-    ``_opt{index}``.
+    (steps skipped because a gradient held inf or NaN). On a skipped step, and where a value is undefined
+    (cosine with a zero slow component), the diagnostics are logged as NaN. With several optimizers the keys
+    end in ``_opt{index}``.
 
     Args:
         filter: ``"ema"`` (Algorithm 2, the default) or ``"ma"`` (Algorithm 1).
@@ -222,11 +224,10 @@ class GrokfastCallback(Callback):
             index = next(i for i, opt in enumerate(trainer.optimizers) if opt is optimizer)
             suffix = f"_opt{index}"
         values: dict[str, float] = {"grokfast/skipped_steps": float(skipped)}
-        if stats.applied:
+        if self.log_diagnostics:  # NaN where undefined (a skipped step): loggers repeat a key that is not logged
             for key in ("amplification", "slow_ratio", "cosine"):
                 value = getattr(stats, key)
-                if value is not None:
-                    values[f"grokfast/{key}"] = value
+                values[f"grokfast/{key}"] = math.nan if value is None else value
         pl_module.log_dict({k + suffix: v for k, v in values.items()}, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ checkpoint
