@@ -808,3 +808,26 @@ def test_log_diagnostics_false_logs_only_the_skip_counter(tmp_path: Path) -> Non
     columns, rows = _read_metrics(logger)
     assert {c for c in columns if c.startswith("grokfast/")} == {"grokfast/skipped_steps"}
     assert _skipped_column(rows) == {2: 0.0, 5: 0.0}
+
+
+class SkippingRegressor(Regressor):
+    """The README's remedy without a GradScaler: skip the optimizer step when a gradient is non-finite."""
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            optimizer.zero_grad(set_to_none=True)
+
+
+def test_readme_remedy_skips_the_optimizer_step_without_a_scaler(tmp_path: Path) -> None:
+    bad, steps = 2, 5
+    grokfast = GrokfastCallback(alpha=0.8, lamb=2.0)
+    before = Recorder(grokfast)
+    model = SkippingRegressor(bad_steps={bad: math.nan})
+    trainer = _trainer(tmp_path, [before, grokfast], max_steps=steps)
+    with pytest.warns(RuntimeWarning, match="inf or NaN"):
+        trainer.fit(model)
+    for name, p in before.records[bad].params.items():  # the bad step changed no weight
+        assert torch.equal(before.records[bad + 1].params[name], p), name
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert grokfast.grad_filter is not None and grokfast.grad_filter.skipped_steps == 1
