@@ -96,6 +96,20 @@ def _norms(tensors: list[Tensor], foreach: bool) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors])
 
 
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether no tensor holds inf or NaN, in one read of them."""
+    if tensors[0].device.type == "cpu":
+        # One C++ loop without a result tensor per input: on CPU, per-tensor overheads dominate models of many
+        # small tensors. It multiplies by 1.0 in place, which leaves every value (NaN included) bit for bit.
+        found_inf = torch.zeros(1)
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found_inf, torch.ones(1))
+            return not bool(found_inf)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pass  # a dtype or a torch version without the CPU kernel
+    return bool(torch.isfinite(_norms(tensors, True)).all())
+
+
 def _dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     """Per-pair dot products, in float32 at least, stacked into one tensor."""
     return torch.stack([torch.dot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(xs, ys)])
@@ -120,6 +134,7 @@ class GradientFilter:
         self.foreach = check_bool("foreach", foreach, optional=True)
         self.state: dict[str, dict[str, Any]] = {}
         self.skipped_steps = 0
+        self._unplaced: set[str] = set()
         self._params: dict[str, Tensor] = {}
         self._names: dict[int, str] = {}
         self.set_parameters(params)
@@ -182,31 +197,31 @@ class GradientFilter:
         if not entries:
             return FilterStats(applied=False)
         groups = _grouped(entries)
+        foreach = [self._use_foreach(g) for g in groups]
+        grads = [[e.grad for e in g] for g in groups]
         raw_sq: list[Tensor] = []
-        if self.skip_nonfinite or compute_stats:
-            raw_norms = [_norms([e.grad for e in g], self._use_foreach(g)) for g in groups]
-            if self.skip_nonfinite:
-                for group, norms in zip(groups, raw_norms):
-                    finite = torch.isfinite(norms)
-                    if not bool(finite.all()):
-                        bad = int(torch.nonzero(~finite)[0])
-                        self._on_nonfinite(group[bad].name)
-                        return FilterStats(applied=False, skipped_nonfinite=True)
+        if compute_stats:  # the norms serve the non-finite check too
+            raw_norms = [_norms(gs, fe) for gs, fe in zip(grads, foreach)]
+            finite = all(bool(torch.isfinite(n).all()) for n in raw_norms)
             raw_sq = [n.double().square().sum() for n in raw_norms]
+        else:
+            finite = not self.skip_nonfinite or all(_all_finite(gs) for gs in grads)
+        if self.skip_nonfinite and not finite:
+            self._on_nonfinite(next(e.name for e in entries if not bool(torch.isfinite(e.grad).all())))
+            return FilterStats(applied=False, skipped_nonfinite=True)
         dots: list[Tensor] = []
         slow_sq: list[Tensor] = []
-        for group in groups:
+        for group, fe in zip(groups, foreach):
             for e in group:
-                self._prepare_state(e)
-            dot, slow = self._update(group, self._use_foreach(group), compute_stats)
-            if compute_stats:
-                dots.append(dot)
-                slow_sq.append(slow)
+                if not e.state or e.name in self._unplaced:
+                    self._prepare_state(e)
+            dot, slow = self._update(group, fe, compute_stats)
+            dots.append(dot)
+            slow_sq.append(slow)
         if not compute_stats:
             return FilterStats(applied=True, num_tensors=len(entries))
-        filtered_sq = [_norms([e.grad for e in g], self._use_foreach(g)).double().square().sum() for g in groups]
-        totals = [sum(t.cpu() for t in ts) for ts in (raw_sq, filtered_sq, slow_sq, dots)]
-        raw, filtered, slow, dot = (float(t) for t in totals)
+        filtered_sq = [_norms(gs, fe).double().square().sum() for gs, fe in zip(grads, foreach)]
+        raw, filtered, slow, dot = (float(sum(t.cpu() for t in ts)) for ts in (raw_sq, filtered_sq, slow_sq, dots))
         cosine = dot / math.sqrt(raw * slow) if raw > 0 and slow > 0 else None
         return FilterStats(
             applied=True,
@@ -230,19 +245,20 @@ class GradientFilter:
                     )
                 pairs.append((name, p))
         entries = []
+        state = self.state
         for name, p in pairs:
             g = p.grad
             if g is None:
                 continue
             if g.is_sparse:
                 raise ValueError(f"Parameter {name!r} has a sparse gradient; Grokfast filters need dense gradients.")
-            entries.append(_Entry(name, g, self.state.get(name, {})))
+            entries.append(_Entry(name, g, state.get(name) or {}))
         return entries
 
     def _use_foreach(self, group: list[_Entry]) -> bool:
         if self.foreach is not None:
             return self.foreach
-        return not any(e.grad.is_complex() for e in group)
+        return not group[0].grad.is_complex()  # one dtype per group
 
     def _on_nonfinite(self, name: str) -> None:
         if self.skipped_steps == 0:
@@ -256,13 +272,14 @@ class GradientFilter:
         self.skipped_steps += 1
 
     def _prepare_state(self, e: _Entry) -> None:
-        """Create the state of a parameter's first gradient, or move restored state to the gradient."""
+        """Create the state at a parameter's first gradient, or move restored state to the gradient."""
         if not e.state:
             e.state = self.state[e.name] = self._init_state(e.grad)
             return
         for key, value in e.state.items():
             if isinstance(value, Tensor) and (value.device != e.grad.device or value.dtype != e.grad.dtype):
                 e.state[key] = value.to(device=e.grad.device, dtype=e.grad.dtype)
+        self._unplaced.discard(e.name)
 
     # ------------------------------------------------------------------ subclass hooks
     def _init_state(self, grad: Tensor) -> dict[str, Any]:
@@ -337,6 +354,7 @@ class GradientFilter:
             name: {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
             for name, entry in loaded.items()
         }
+        self._unplaced = set(self.state)  # moved to each gradient's device and dtype at its next step
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
 
     def __repr__(self) -> str:
@@ -482,18 +500,23 @@ class MAFilter(GradientFilter):
 
     def _update(self, group: list[_Entry], foreach: bool, compute_stats: bool) -> tuple[Tensor, Tensor]:
         w = self.window_size
+        states = [e.state for e in group]
         grads = [e.grad for e in group]
-        sums = [e.state["sum"] for e in group]
-        slots = [e.state["window"][e.state["count"] % w] for e in group]
-        full = [i for i, e in enumerate(group) if e.state["count"] >= w]
+        sums = [st["sum"] for st in states]
+        slots = [st["window"][st["count"] % w] for st in states]  # the oldest gradient, overwritten below
+        full = [i for i, st in enumerate(states) if st["count"] >= w]
+        if len(full) == len(group):
+            leaving, leaving_sums = slots, sums
+        else:
+            leaving, leaving_sums = [slots[i] for i in full], [sums[i] for i in full]
         if foreach:
-            if full:
-                torch._foreach_sub_([sums[i] for i in full], [slots[i] for i in full])
+            if leaving:
+                torch._foreach_sub_(leaving_sums, leaving)
             torch._foreach_add_(sums, grads)
             torch._foreach_copy_(slots, grads)
         else:
-            for i in full:
-                sums[i].sub_(slots[i])
+            for s, old in zip(leaving_sums, leaving):
+                s.sub_(old)
             for s, slot, g in zip(sums, slots, grads):
                 s.add_(g)
                 slot.copy_(g)
@@ -509,7 +532,10 @@ class MAFilter(GradientFilter):
             by_scale.setdefault(scale, []).append(i)
         dot = slow = torch.zeros((), dtype=torch.float64)
         for scale, idx in by_scale.items():
-            g_sel, s_sel = [grads[i] for i in idx], [sums[i] for i in idx]
+            if len(idx) == len(group):
+                g_sel, s_sel = grads, sums
+            else:
+                g_sel, s_sel = [grads[i] for i in idx], [sums[i] for i in idx]
             if compute_stats:
                 dot = dot + scale * _dots(g_sel, s_sel).double().sum().cpu()
                 slow = slow + (scale * _norms(s_sel, foreach).double()).square().sum().cpu()
