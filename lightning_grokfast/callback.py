@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
@@ -146,6 +147,8 @@ class GrokfastCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # validate/test/predict from a checkpoint: the filter plays no part
         self._build(pl_module)
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:

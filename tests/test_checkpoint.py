@@ -179,3 +179,14 @@ def test_restored_state_moves_to_the_gradient_dtype(tmp_path: Path, ema_checkpoi
     fit(tmp_path, [cb], 6, ckpt_path=str(ema_checkpoint), precision="64-true")
     assert cb.grad_filter is not None
     assert {v["mu"].dtype for v in cb.grad_filter.state.values()} == {torch.float64}
+
+
+def test_evaluating_from_a_checkpoint_of_other_settings_is_not_refused(tmp_path: Path, ema_checkpoint: Path) -> None:
+    """``trainer.validate/test(ckpt_path=...)`` does not train: the filter's settings do not matter there."""
+
+    class Evaluated(Net):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", nn.functional.mse_loss(self.body(batch[0]), batch[1]))
+
+    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[GrokfastCallback(filter="ma")], logger=False)
+    trainer.validate(Evaluated(), loader(), ckpt_path=str(ema_checkpoint))
