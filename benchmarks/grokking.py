@@ -303,7 +303,8 @@ def import_run(out: Path, name: str, seed: int, source: Path, budget: Optional[i
         out: The benchmark's output directory.
         name: Config name it ran.
         seed: Its seed.
-        source: Its log directory (holding ``grokking.json`` or ``metrics.csv``) or one of those files.
+        source: Its log directory (holding ``grokking.json`` or ``metrics.csv``), its ``grokking.json``
+            or a CSVLogger metrics file (the latter is read only if no ``grokking.json`` lies beside it).
         budget: Its step budget, used when only ``metrics.csv`` is there (``None``: the config's).
 
     Returns:
@@ -311,9 +312,10 @@ def import_run(out: Path, name: str, seed: int, source: Path, budget: Optional[i
     """
     if source.is_dir():
         summary, metrics = source / "grokking.json", source / "metrics.csv"
-    else:
-        summary = source if source.name == "grokking.json" else source.with_name("grokking.json")
-        metrics = source.with_name("metrics.csv")
+    elif source.suffix == ".json":
+        summary, metrics = source, source.with_name("metrics.csv")
+    else:  # a CSVLogger metrics file, under any name
+        summary, metrics = source.with_name("grokking.json"), source
     if summary.exists():
         record = load_summary(summary, name, seed)
     elif metrics.exists():
@@ -428,7 +430,8 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         entry: dict[str, Any] = {}
         bounds: dict[str, str] = {}
         for ref in REFERENCES:
-            value, bound = speedup(summary.get(ref), summary[name])
+            # a config against itself is 1x by definition, even when it never reached 95%
+            value, bound = (1.0, "exact") if ref == name else speedup(summary.get(ref), summary[name])
             entry[f"vs_{ref}"] = value
             bounds[f"vs_{ref}"] = bound
         entry["lower_bound"] = any(b == "lower" for b in bounds.values())

@@ -255,6 +255,8 @@ def test_benchmark_report_only_aggregates(bench: ModuleType, tmp_path: Path) -> 
     assert sp["grokfast_ema"]["vs_weight_decay"] == pytest.approx(2.0)
     assert sp["grokfast_ema"]["bounds"]["vs_weight_decay"] == "exact"
     assert sp["weight_decay"]["vs_baseline"] == pytest.approx(2.5) and sp["weight_decay"]["lower_bound"]
+    assert sp["baseline"]["vs_baseline"] == 1.0 and sp["baseline"]["bounds"]["vs_baseline"] == "exact"
+    assert sp["baseline"]["bounds"]["vs_weight_decay"] == "upper"
     # the target did not reach 95%: an upper bound; neither reached: unknown
     assert sp["grokfast_ma"]["vs_weight_decay"] == pytest.approx(400 / 600)
     assert sp["grokfast_ma"]["bounds"]["vs_weight_decay"] == "upper" and sp["grokfast_ma"]["upper_bound"]
