@@ -29,6 +29,7 @@ from lightning_grokfast._validation import check_alpha, check_bool, check_choice
 
 Params = Union[Iterable[Tensor], Iterable[tuple[str, Tensor]]]
 _STATE_VERSION = 1
+_ZERO = torch.zeros((), dtype=torch.float64)  # the statistics when none are asked for; never written
 
 
 @dataclass(frozen=True)
@@ -428,7 +429,7 @@ class EMAFilter(GradientFilter):
         else:
             for mu, g in zip(mus, grads):
                 mu.lerp_(g, weight)
-        dot = slow = torch.zeros((), dtype=torch.float64)
+        dot = slow = _ZERO
         if compute_stats:
             dot = self.lamb * _dots(grads, mus).double().sum()
             slow = (self.lamb * _norms(mus, foreach).double()).square().sum()
@@ -530,7 +531,7 @@ class MAFilter(GradientFilter):
                 continue
             scale = self.lamb / min(st["count"], w) if self.reduction == "mean" else self.lamb
             by_scale.setdefault(scale, []).append(i)
-        dot = slow = torch.zeros((), dtype=torch.float64)
+        dot = slow = _ZERO
         for scale, idx in by_scale.items():
             if len(idx) == len(group):
                 g_sel, s_sel = grads, sums
