@@ -424,12 +424,12 @@ class GrokkingReport(Callback):
             trainer: The trainer that ran.
 
         Returns:
-            ``steps_to_95`` (or ``None``), the final and best validation accuracy, the step budget,
+            ``steps_to_threshold`` (or ``None``), the final and best validation accuracy, the step budget,
             the steps taken, the fit time and the recorded curves.
         """
         return {
             "threshold": self.threshold,
-            "steps_to_95": self.steps_to_threshold,
+            "steps_to_threshold": self.steps_to_threshold,
             "final_val_acc": self.val_accs[-1] if self.val_accs else None,
             "best_val_acc": max(self.val_accs) if self.val_accs else None,
             "budget": trainer.max_steps if trainer.max_steps >= 0 else None,

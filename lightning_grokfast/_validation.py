@@ -1,17 +1,23 @@
-"""Argument checks shared by the filters and the callback.
+"""Argument checks shared by the transforms and the callbacks.
 
-Each check raises :class:`ValueError` naming the argument, the value given and what is accepted.
+Each check raises :class:`ValueError` naming the argument, the value given and what is accepted. Any real
+or integral number is accepted (numpy scalars from a sweep too); ``bool`` never is.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Collection
-from typing import Any
+from typing import Any, Optional
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_alpha(alpha: Any) -> float:
@@ -30,9 +36,9 @@ def check_lamb(lamb: Any) -> float:
 
 def check_window_size(window_size: Any) -> int:
     """``window_size``: the MA window, an integer >= 1."""
-    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
+    if not _is_int(window_size) or window_size < 1:
         raise ValueError(f"`window_size` must be an integer >= 1, got {window_size!r}.")
-    return window_size
+    return int(window_size)
 
 
 def check_choice(name: str, value: Any, choices: Collection[str]) -> str:
@@ -43,11 +49,13 @@ def check_choice(name: str, value: Any, choices: Collection[str]) -> str:
     return str(value)
 
 
-def check_bool(name: str, value: Any, *, optional: bool = False) -> bool | None:
-    """A boolean argument (``None`` allowed too when ``optional``)."""
-    if value is None and optional:
-        return None
+def check_bool(name: str, value: Any) -> bool:
+    """A boolean argument."""
     if not isinstance(value, bool):
-        accepted = "True, False or None" if optional else "True or False"
-        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
     return value
+
+
+def check_optional_bool(name: str, value: Any) -> Optional[bool]:
+    """A boolean argument that may also be ``None`` (decided automatically)."""
+    return None if value is None else check_bool(name, value)

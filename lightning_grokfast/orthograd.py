@@ -1,0 +1,158 @@
+"""⊥Grad, the orthogonal gradient (Prieto et al. 2025, arXiv 2501.04697), in plain PyTorch (no Lightning).
+
+Per parameter tensor ``w`` with gradient ``g``::
+
+    g_perp = g - (<w, g> / <w, w>) w        # drop the radial part, which only rescales w
+    g      = g_perp * |g| / |g_perp|        # keep the gradient's norm
+
+Without weight decay, training pushes the weights along their own direction (it scales the logits) until the
+softmax saturates and learning stalls; removing the radial part of the gradient stops that.
+
+Rules at the edges: a weight of zero leaves its gradient as it is (no direction to remove). A gradient that is
+radial to within rounding (``|g_perp| <= 32 * eps * |g|`` in the compute dtype, so always for a scalar
+parameter) is set to zero: there is no orthogonal direction to move along, and rescaling the rounding residue
+to ``|g|`` would step in a random direction. Otherwise the result agrees with ``pytorch_optimizer.OrthoGrad``.
+The arithmetic is in float32 at least (dot products in float64) and the result is written back in the
+gradient's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_grokfast._base import LOW_PRECISION, Entry, GradientTransform, Params, dots, norms, safe_div
+from lightning_grokfast._validation import check_choice
+
+APPLY_TO = ("all", "matrices")
+
+
+@dataclass(frozen=True)
+class OrthoGradStats:
+    """What one :meth:`OrthoGrad.step` did.
+
+    Attributes:
+        applied: whether gradients were transformed (False when nothing had a gradient, or the step was skipped
+            because a gradient held inf or NaN).
+        skipped_nonfinite: whether the step was skipped because a gradient held inf or NaN.
+        num_tensors: how many gradients were transformed.
+        radial_fraction: ``|radial part| / |g|`` over all transformed gradients (only with ``compute_stats``):
+            0 when the gradients were already orthogonal to their weights, 1 when they only rescaled them.
+    """
+
+    applied: bool
+    skipped_nonfinite: bool = False
+    num_tensors: int = 0
+    radial_fraction: Optional[float] = None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def _orthograd_single(ws: list[Tensor], gs: list[Tensor], g_norms: Tensor) -> Tensor:
+    """Orthogonalize ``gs`` against ``ws`` in place, one tensor at a time; return the radial parts' squared norms."""
+    radial_sq = []
+    for w, g, g_norm in zip(ws, gs, g_norms):
+        w_, g_ = w.reshape(-1).to(_compute_dtype(w.dtype)), g.reshape(-1).to(_compute_dtype(g.dtype))
+        wg, ww = torch.dot(w_.double(), g_.double()), torch.dot(w_.double(), w_.double())
+        coef = torch.where(ww > 0, wg / ww, torch.zeros_like(ww))
+        perp = g_ - coef.to(g_.dtype) * w_
+        perp_norm = torch.linalg.vector_norm(perp)
+        tol = 32 * torch.finfo(perp.dtype).eps * g_norm
+        scale = torch.where(perp_norm > tol, g_norm / perp_norm, torch.zeros_like(perp_norm))
+        g.copy_((perp * scale.to(perp.dtype)).view_as(g))
+        radial_sq.append(coef * wg)
+    return torch.stack(radial_sq)
+
+
+def _orthograd_foreach(ws: list[Tensor], gs: list[Tensor], g_norms: Tensor) -> Tensor:
+    """:func:`_orthograd_single` with ``torch._foreach_*`` kernels over the whole group."""
+    dtype = _compute_dtype(gs[0].dtype)
+    w_ = [w if w.dtype == dtype else w.to(dtype) for w in ws]
+    g_ = gs if gs[0].dtype == dtype else [g.to(dtype) for g in gs]
+    wg, ww = dots(w_, g_, True), norms(w_, True).double().square()
+    coef = torch.where(ww > 0, wg / ww, torch.zeros_like(ww))
+    torch._foreach_sub_(g_, torch._foreach_mul(w_, coef.tolist()))
+    perp_norms = norms(g_, True)
+    tol = 32 * torch.finfo(dtype).eps * g_norms
+    scale = torch.where(perp_norms > tol, g_norms / perp_norms, torch.zeros_like(perp_norms))
+    torch._foreach_mul_(g_, scale.tolist())
+    if g_ is not gs:
+        torch._foreach_copy_(gs, g_)
+    return coef * wg
+
+
+class OrthoGrad(GradientTransform):
+    """⊥Grad: remove from every gradient its component along its own weight, keeping the gradient's norm.
+
+    Stateless: nothing to checkpoint, no memory beyond a step's temporaries.
+
+    Args:
+        params: parameters, or ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
+        apply_to: ``"all"`` parameters, or only ``"matrices"`` (tensors of two or more dimensions: weights and
+            embeddings, not biases, LayerNorm gains or scalars).
+        skip_nonfinite: skip steps whose gradients hold inf or NaN, leaving the gradients untouched.
+        foreach: multi-tensor ``torch._foreach_*`` path (``None``/``True``) or a per-tensor loop (``False``).
+
+    Example::
+
+        orthograd = OrthoGrad(model.named_parameters())
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            orthograd.step()
+            optimizer.step()
+    """
+
+    kind = "orthograd"
+    _wants_norms = True
+
+    def __init__(
+        self,
+        params: Params,
+        apply_to: Literal["all", "matrices"] = "all",
+        *,
+        skip_nonfinite: bool = True,
+        foreach: Optional[bool] = None,
+    ) -> None:
+        self.apply_to = check_choice("apply_to", apply_to, APPLY_TO)
+        super().__init__(params, skip_nonfinite=skip_nonfinite, foreach=foreach)
+
+    def set_parameters(self, params: Params) -> None:
+        super().set_parameters(params)
+        if self.apply_to == "matrices":
+            self._applies = {id(p) for p in self._params.values() if p.dim() >= 2}
+        else:
+            self._applies = set(self._names)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"apply_to": self.apply_to}
+
+    def _entries(self, params: Any) -> list[Entry]:
+        return [e for e in super()._entries(params) if id(e.param) in self._applies]
+
+    def _state_for(self, name: str, grad: Tensor) -> dict[str, Any]:
+        return {}
+
+    def _stats(self, applied: bool, skipped_nonfinite: bool = False) -> OrthoGradStats:
+        return OrthoGradStats(applied=applied, skipped_nonfinite=skipped_nonfinite)
+
+    def _apply(
+        self, groups: list[list[Entry]], foreach: list[bool], raw_norms: Optional[list[Tensor]], compute_stats: bool
+    ) -> OrthoGradStats:
+        assert raw_norms is not None
+        radial = raw = 0.0
+        for group, fe, g_norms in zip(groups, foreach, raw_norms):
+            ws, gs = [e.param.detach() for e in group], [e.grad for e in group]
+            radial_sq = (_orthograd_foreach if fe else _orthograd_single)(ws, gs, g_norms)
+            if compute_stats:
+                radial += float(radial_sq.sum())
+                raw += float(g_norms.double().square().sum())
+        num = sum(len(g) for g in groups)
+        fraction = safe_div(math.sqrt(radial), math.sqrt(raw)) if compute_stats else None
+        return OrthoGradStats(applied=True, num_tensors=num, radial_fraction=fraction)
