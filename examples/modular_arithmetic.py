@@ -34,6 +34,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+import lightning_grokfast  # noqa: F401  (registers the callbacks with LightningCLI by their short names)
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 

@@ -154,6 +154,7 @@ class GradientTransform:
         self.foreach = check_optional_bool("foreach", foreach)
         self.state: dict[str, dict[str, Any]] = {}
         self.skipped_steps = 0
+        self._memory_checked = False
         self._params: dict[str, Tensor] = {}
         self._names: dict[int, str] = {}
         self.set_parameters(params)
@@ -165,13 +166,13 @@ class GradientTransform:
         Raises:
             ValueError: if ``params`` is empty, mixes named and plain parameters, or repeats a name.
         """
-        items = list(params)
+        items: list[Any] = list(params)
         if not items:
             raise ValueError("`params` is empty: the transform needs at least one parameter.")
         named = [isinstance(item, tuple) for item in items]
         if any(named) and not all(named):
             raise ValueError("`params` must be all tensors or all (name, tensor) pairs, not a mix.")
-        pairs = items if all(named) else [(str(i), p) for i, p in enumerate(items)]
+        pairs: list[tuple[str, Any]] = items if all(named) else [(str(i), p) for i, p in enumerate(items)]
         self._params, self._names = {}, {}
         for raw_name, p in pairs:
             name = canonical_name(raw_name)
@@ -258,6 +259,10 @@ class GradientTransform:
             unscale_if_needed(scaler, optimizer)
         if params is None and optimizer is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not self._memory_checked:
+            self._memory_checked = True
+            if not self.state:
+                self.check_memory()  # before the first step allocates the state
         with torch.no_grad():
             entries = self._entries(params)
             if not entries:

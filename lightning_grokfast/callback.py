@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Literal, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, XLAStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies.xla import XLAStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
@@ -34,6 +35,12 @@ def _logs_this_step(trainer: pl.Trainer) -> bool:
     """Whether this step's metrics reach the loggers (every ``log_every_n_steps``), so that costly diagnostics are
     computed only then. Lightning keeps that decision in a private attribute and offers no public one."""
     return bool(trainer.loggers) and bool(trainer._logger_connector.should_update_logs)
+
+
+def _transform_callbacks(trainer: pl.Trainer) -> list[_TransformCallback]:
+    """The Trainer's transform callbacks, in the order it calls them."""
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connector
+    return [cb for cb in callbacks if isinstance(cb, _TransformCallback)]
 
 
 def _fmt(name: str, config: dict[str, Any]) -> str:
@@ -69,7 +76,7 @@ class _TransformCallback(Callback):
     def _make(self, pl_module: pl.LightningModule) -> GradientTransform:
         raise NotImplementedError
 
-    def _diagnostics(self, stats: Any) -> dict[str, float]:
+    def _diagnostics(self, stats: Any) -> dict[str, Optional[float]]:
         raise NotImplementedError
 
     @property
@@ -93,7 +100,7 @@ class _TransformCallback(Callback):
                 "a silent no-op. Supported: single device (CPU, CUDA, MPS) and the DDP family ('ddp', "
                 "'ddp_spawn', 'ddp_fork', 'ddp_notebook', any number of nodes)."
             )
-        transforms = [cb for cb in trainer.callbacks if isinstance(cb, _TransformCallback)]
+        transforms = _transform_callbacks(trainer)
         twins = [cb for cb in transforms if cb._chain_order == self._chain_order]
         if len(twins) > 1:
             listed = " and ".join(repr(cb) for cb in twins)
@@ -121,7 +128,7 @@ class _TransformCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        first = next((cb for cb in trainer.callbacks if isinstance(cb, _TransformCallback)), self)
+        first = next(iter(_transform_callbacks(trainer)), self)
         if first is not self:
             return  # the first transform callback listed runs every one, in their one order
         logging = _logs_this_step(trainer)
@@ -254,7 +261,7 @@ class GrokfastCallback(_TransformCallback):
         self.lamb = check_lamb(_DEFAULT_LAMB[self.filter] if lamb is None else lamb)
         self.window_size = check_window_size(window_size)
         self.warmup = check_bool("warmup", warmup)
-        self.reduction = check_choice("reduction", reduction, ("mean", "sum"))
+        self.reduction: Literal["mean", "sum"] = check_choice("reduction", reduction, ("mean", "sum"))  # type: ignore[assignment]
         self.fp32_state = check_bool("fp32_state", fp32_state)
         super().__init__(log_diagnostics, skip_nonfinite, foreach)
 
@@ -292,11 +299,11 @@ class GrokfastCallback(_TransformCallback):
         params = pl_module.named_parameters()
         if self.filter == "ema":
             return EMAFilter(params, alpha=self.alpha, lamb=self.lamb, **opts)
-        return MAFilter(params, self.window_size, self.lamb, self.warmup, self.reduction, **opts)  # type: ignore[arg-type]
+        return MAFilter(params, self.window_size, self.lamb, self.warmup, self.reduction, **opts)
 
     @override
-    def _diagnostics(self, stats: FilterStats) -> dict[str, float]:
-        return {"amplification": stats.amplification, "slow_ratio": stats.slow_ratio, "cosine": stats.cosine}  # type: ignore[dict-item]
+    def _diagnostics(self, stats: FilterStats) -> dict[str, Optional[float]]:
+        return {"amplification": stats.amplification, "slow_ratio": stats.slow_ratio, "cosine": stats.cosine}
 
     @override
     def on_load_checkpoint(
@@ -376,7 +383,7 @@ class OrthoGradCallback(_TransformCallback):
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
     ) -> None:
-        self.apply_to = check_choice("apply_to", apply_to, APPLY_TO)
+        self.apply_to: Literal["all", "matrices"] = check_choice("apply_to", apply_to, APPLY_TO)  # type: ignore[assignment]
         super().__init__(log_diagnostics, skip_nonfinite, foreach)
 
     @override
@@ -389,9 +396,9 @@ class OrthoGradCallback(_TransformCallback):
             pl_module.named_parameters(),
             self.apply_to,
             skip_nonfinite=self.skip_nonfinite,
-            foreach=self.foreach,  # type: ignore[arg-type]
+            foreach=self.foreach,
         )
 
     @override
-    def _diagnostics(self, stats: OrthoGradStats) -> dict[str, float]:
-        return {"radial_fraction": stats.radial_fraction}  # type: ignore[dict-item]
+    def _diagnostics(self, stats: OrthoGradStats) -> dict[str, Optional[float]]:
+        return {"radial_fraction": stats.radial_fraction}

@@ -249,8 +249,8 @@ class MAFilter(GradientFilter):
     over the gradients seen so far.
 
     Memory: ``window_size + 1`` copies of the parameters (in float32 for 16-bit ones, unless
-    ``fp32_state=False``): 100 x 4 bytes x 50M parameters is about 19 GiB. The constructor refuses a state that
-    cannot fit in the memory free on the parameters' device.
+    ``fp32_state=False``): 100 x 4 bytes x 50M parameters is about 19 GiB. The first step refuses, before it
+    allocates anything, a state that cannot fit in the memory free on the parameters' device.
 
     Args:
         params: parameters, or ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
@@ -282,7 +282,6 @@ class MAFilter(GradientFilter):
         self.warmup = check_bool("warmup", warmup)
         self.reduction = check_choice("reduction", reduction, ("mean", "sum"))
         super().__init__(params, fp32_state=fp32_state, skip_nonfinite=skip_nonfinite, foreach=foreach)
-        self.check_memory()
 
     def hparams(self) -> dict[str, Any]:
         return {"window_size": self.window_size, "lamb": self.lamb, "warmup": self.warmup, "reduction": self.reduction}
