@@ -7,11 +7,11 @@ step budget. Each finished run is one JSON file, ``OUT/runs/<task>/<method>_wd<w
 a later invocation with the same ``--out`` skips it (unless the budget asked for is larger and it
 did not reach the threshold), so the sweep grows over several sittings.
 
-``--report`` (also run after every sweep) rebuilds ``OUT/results.json`` (one record per run) and one
-figure per task, ``OUT/<task>.png`` (median steps against weight decay, one line per method, the
-seed range as a band; runs that hit the budget drawn at the budget), and prints per task the table
-of median and range per method and weight decay and the best of each method against the best
-weight decay alone.
+``--report`` (also run after every sweep) rebuilds, from the run files alone, ``OUT/results.json`` (every
+run and the summaries), ``OUT/results.md`` (the tables: median and range per method and weight decay, and
+each method's best against the best weight decay alone) and one figure per task, ``OUT/<task>.png``
+(median steps against weight decay, one line per method, the seed range as a band; a run that hit the
+budget counts as its budget and is marked ``>``).
 
 Examples:
     python benchmarks/grokking.py --task modmul --methods none grokfast_ema --wd 0.001 0.003 --seeds 0 1 2
@@ -74,7 +74,7 @@ TASKS: dict[str, Task] = {
         script="examples/digits.py",
         config="examples/configs/digits/baseline.yaml",
         threshold=0.9,
-        budget=20000,
+        budget=10000,
         methods={
             "none": [],
             "grokfast_ema": [_cb(GROKFAST, filter="ema", alpha=0.8, lamb=0.1)],
@@ -180,6 +180,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "median": med,
         "median_is_bound": any(m and s <= med for s, m in ranked),
         "min": ranked[0][0],
+        "min_is_bound": ranked[0][1],
         "max": ranked[-1][0],
         "max_is_bound": ranked[-1][1],
         "reached": missed.count(False),
@@ -192,7 +193,8 @@ def _fmt(value: float, bound: bool) -> str:
 
 def _cell(s: dict[str, Any]) -> str:
     """``median (min-max)``, each marked ``>`` where it is a budget."""
-    return f"{_fmt(s['median'], s['median_is_bound'])} ({s['min']:,}-{_fmt(s['max'], s['max_is_bound'])})"
+    spread = f"{_fmt(s['min'], s['min_is_bound'])}-{_fmt(s['max'], s['max_is_bound'])}"
+    return f"{_fmt(s['median'], s['median_is_bound'])} ({spread}, n={len(s['seeds'])})"
 
 
 def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -276,7 +278,13 @@ def report(out: Path, make_plot: bool = True) -> str:
     if make_plot:
         for task, methods in table.items():
             plot(task, methods, out / f"{task}.png")
-    return markdown(table)
+    text = markdown(table)
+    (out / "results.md").write_text(
+        "<!-- written by `python benchmarks/grokking.py --report`; the runs are in runs/, one file each -->\n\n"
+        + text
+        + "\n"
+    )
+    return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -34,9 +34,10 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
-import lightning_grokfast  # noqa: F401  (registers the callbacks with LightningCLI by their short names)
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+import lightning_grokfast  # noqa: F401  (registers the callbacks with LightningCLI by their short names)
 
 # The whole data set lives in memory and is indexed a batch at a time: worker processes would only
 # add overhead, so Lightning's hint about ``num_workers`` does not apply here.
@@ -375,11 +376,15 @@ class GrokkingReport(Callback):
         threshold: The validation accuracy that counts as generalized.
         monitor: The logged validation accuracy to watch.
         plot: Whether to write the PNG (needs matplotlib).
+        title: The task's name in the plot's title.
     """
 
-    def __init__(self, threshold: float = 0.95, monitor: str = "val_acc", plot: bool = True) -> None:
+    def __init__(
+        self, threshold: float = 0.95, monitor: str = "val_acc", plot: bool = True, title: str = "x*y mod p"
+    ) -> None:
         super().__init__()
         self.threshold = threshold
+        self.title = title
         self.monitor = monitor
         self.plot = plot
         self.val_steps: list[int] = []
@@ -485,7 +490,7 @@ class GrokkingReport(Callback):
         ax.set_xlabel("optimization step")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.02, 1.02)
-        title = "x*y mod p"
+        title = self.title
         if self.steps_to_threshold is not None:
             title += f": val acc >= {self.threshold:g} at step {self.steps_to_threshold}"
         else:
