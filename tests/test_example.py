@@ -1,47 +1,27 @@
-"""Tests of the modular-arithmetic example, its configs, the plain PyTorch example and the benchmark."""
+"""The modular-arithmetic example, its configs and CLI, the plain PyTorch example and the grokking sweep."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import grokking
+import modular_arithmetic as example
+import plain_pytorch
 import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping
 
-from lightning_grokfast import GrokfastCallback
+from lightning_grokfast import GrokfastCallback, OrthoGradCallback
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "examples" / "configs").glob("*.yaml"))
-TINY = [
-    "--data.p",
-    "11",
-    "--model.width",
-    "16",
-    "--model.heads",
-    "2",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-    "--trainer.log_every_n_steps",
-    "1",
-]
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+TINY = ["--data.p", "11", "--model.width", "16", "--model.heads", "2", "--trainer.enable_progress_bar", "false"]
+TINY += ["--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -50,28 +30,15 @@ def _clean_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["modular_arithmetic.py"])
 
 
-@pytest.fixture(scope="module")
-def example() -> ModuleType:
-    return _load("modular_arithmetic_example", REPO / "examples" / "modular_arithmetic.py")
-
-
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    return _load("grokking_benchmark", REPO / "benchmarks" / "grokking.py")
-
-
-def _grokfast_args(config: Path) -> dict[str, Any] | None:
-    data = yaml.safe_load(config.read_text())
-    for cb in data["trainer"].get("callbacks") or []:
-        if cb["class_path"].endswith("GrokfastCallback"):
-            return cb.get("init_args", {})
-    return None
+def _transforms(config: Path) -> dict[str, dict[str, Any]]:
+    callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
+    return {cb["class_path"].rsplit(".", 1)[1]: cb.get("init_args", {}) for cb in callbacks}
 
 
 # ------------------------------------------------------------------------------------ the task
 
 
-def test_data_is_the_papers_task(example: ModuleType) -> None:
+def test_data_is_the_papers_task() -> None:
     inputs, targets = example.make_equations(97)
     assert inputs.shape == (9312, 4) and targets.shape == (9312,)
     x, op, y, eq = inputs.unbind(1)
@@ -80,6 +47,8 @@ def test_data_is_the_papers_task(example: ModuleType) -> None:
     assert (op == 98).all() and (eq == 97).all()
     assert len({tuple(r) for r in inputs.tolist()}) == 9312
 
+
+def test_split_is_half_and_depends_on_data_seed_only() -> None:
     def split(seed: int) -> tuple[set[tuple[int, ...]], set[tuple[int, ...]]]:
         dm = example.ModularArithmeticData(p=97, data_seed=seed)
         dm.setup("fit")
@@ -87,62 +56,48 @@ def test_data_is_the_papers_task(example: ModuleType) -> None:
 
     train, val = split(0)
     assert len(train) == len(val) == 4656 and not train & val
-    assert split(0) == (train, val)  # the split depends on data_seed only
+    assert split(0) == (train, val)
     assert split(1)[0] != train
 
 
-def test_model_size_and_last_position_output(example: ModuleType) -> None:
+def test_model_size_and_causal_last_position_output() -> None:
     model = example.ModularArithmeticModel(p=97)
     assert sum(p.numel() for p in model.parameters()) == 422_656
     assert model.model.head.bias is None
     tokens = torch.randint(0, 97, (3, 4))
     assert model(tokens).shape == (3, 99)
-    # causal: the answer at the last position must not change what the first positions see
-    full = model.model(tokens)
     changed = tokens.clone()
     changed[:, 3] = (changed[:, 3] + 1) % 97
-    assert torch.allclose(model.model(changed)[:, :3], full[:, :3], atol=1e-6)
+    assert torch.allclose(model.model(changed)[:, :3], model.model(tokens)[:, :3], atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------ (a) end to end
+# ------------------------------------------------------------------------------------ the CLI
 
 
-def test_cli_runs_end_to_end_with_grokfast(example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["fit", "--config", str(REPO / "examples" / "configs" / "grokfast_ema.yaml"), *TINY]
-    args += ["--trainer.max_steps", "24", "--trainer.default_root_dir", str(tmp_path)]
-    cli = example.main(args)
+    cli = example.main([*args, "--trainer.max_steps", "24", "--trainer.default_root_dir", str(tmp_path)])
     out = capsys.readouterr().out
-
-    grokfast = [cb for cb in cli.trainer.callbacks if isinstance(cb, GrokfastCallback)]
-    assert len(grokfast) == 1 and grokfast[0].alpha == 0.98 and grokfast[0].lamb == 2.0
     assert cli.trainer.global_step == 24
-    lines = [line for line in out.splitlines() if line.startswith("steps_to_95:")]
-    assert len(lines) == 1
     log_dir = Path(cli.trainer.log_dir)
-    assert log_dir.is_relative_to(tmp_path)
     png = log_dir / "accuracy.png"
-    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"plot: {png}" in out
-
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {png}" in out
     summary = json.loads((log_dir / "grokking.json").read_text())
     steps, accs = summary["val_curve"]["step"], summary["val_curve"]["acc"]
-    # p=11: 55 training equations, one step an epoch, a validation after every step
-    assert steps == list(range(1, 25))
+    assert steps == list(range(1, 25))  # p=11: 55 equations, one step an epoch, a validation after each
     first = next((s for s, a in zip(steps, accs) if a >= 0.95), None)
-    assert summary["steps_to_95"] == first
-    assert lines[0] == f"steps_to_95: {first}" if first is not None else lines[0].startswith("steps_to_95: null")
-    assert summary["budget"] == 24
-
+    assert summary["steps_to_threshold"] == first and summary["budget"] == 24
+    expected = f"steps_to_95: {first}" if first is not None else "steps_to_95: null"
+    (line,) = [line for line in out.splitlines() if line.startswith("steps_to_95:")]
+    assert line.startswith(expected)
     with (log_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert any(r.get("grokfast/amplification") for r in rows)  # the callback ran and logged
-    assert any(r.get("val_acc") for r in rows) and any(r.get("train_acc") for r in rows)
+    assert any(r.get("grokfast/amplification") for r in rows)
 
 
 def test_early_stopping_reports_the_first_step_reaching_the_threshold(
-    example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # a threshold the first validation surely reaches: training stops right there
     config = yaml.safe_load((REPO / "examples" / "configs" / "weight_decay.yaml").read_text())
     config["trainer"]["callbacks"][0]["init_args"]["stopping_threshold"] = -1.0
     config["report"]["threshold"] = 0.0
@@ -153,38 +108,27 @@ def test_early_stopping_reports_the_first_step_reaching_the_threshold(
     assert cli.trainer.global_step == 1
 
 
-# ------------------------------------------------------------------------------------ (b) configs
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_config_instantiates(example: ModuleType, config: Path, tmp_path: Path) -> None:
+def test_every_config_instantiates_as_written(config: Path, tmp_path: Path) -> None:
     data = yaml.safe_load(config.read_text())
     cli = example.main(["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False)
     assert cli.model.hparams.p == cli.datamodule.p == data["data"]["p"] == 97
     assert cli.model.hparams.weight_decay == data["model"]["weight_decay"]
-    assert cli.trainer.max_steps == data["trainer"]["max_steps"]
     stops = [cb for cb in cli.trainer.callbacks if isinstance(cb, EarlyStopping)]
     assert len(stops) == 1 and stops[0].monitor == "val_acc" and stops[0].stopping_threshold == 0.95
-    grokfast = [cb for cb in cli.trainer.callbacks if isinstance(cb, GrokfastCallback)]
-    expected = _grokfast_args(config)
-    if expected is None:
-        assert grokfast == []
-    else:
-        assert len(grokfast) == 1
-        for key, value in expected.items():
-            assert getattr(grokfast[0], key) == value, key
-    assert sum(p.numel() for p in cli.model.parameters()) == 422_656
-
-
-# ------------------------------------------------------------------------------------ (c) bad values
+    made = {
+        type(cb).__name__: cb for cb in cli.trainer.callbacks if isinstance(cb, (GrokfastCallback, OrthoGradCallback))
+    }
+    expected = _transforms(config)
+    assert set(made) == set(expected) - {"EarlyStopping"}
+    for name, init_args in expected.items():
+        for key, value in init_args.items() if name in made else ():
+            assert getattr(made[name], key) == value, (name, key)
 
 
 @pytest.mark.parametrize("value", ["abc", "1.5"])
-def test_bad_grokfast_value_names_the_argument(
-    example: ModuleType, value: str, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_bad_grokfast_value_names_the_argument(value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = (REPO / "examples" / "configs" / "grokfast_ema.yaml").read_text()
-    assert "alpha: 0.98" in text
     path = tmp_path / "bad.yaml"
     path.write_text(text.replace("alpha: 0.98", f"alpha: {value}"))
     with pytest.raises((SystemExit, ValueError)) as info:
@@ -193,107 +137,108 @@ def test_bad_grokfast_value_names_the_argument(
     assert "alpha" in message and value in message
 
 
-# ------------------------------------------------------------------------------------ (d) plain PyTorch
-
-
-def test_plain_pytorch_example_runs(capsys: pytest.CaptureFixture) -> None:
-    plain = _load("plain_pytorch_example", REPO / "examples" / "plain_pytorch.py")
-    filtered = plain.train_plain(steps=60, use_filter=True)
+def test_fit_help_lists_both_callbacks(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        example.main(["fit", "--help"], run=False)
     out = capsys.readouterr().out
-    assert "amplification" in out and "final loss" in out
-    # the Fabric loop does the same arithmetic as the plain loop
-    assert plain.train_fabric(steps=60) == pytest.approx(filtered, rel=1e-4)
-    assert plain.train_plain(steps=60, use_filter=False) != pytest.approx(filtered, rel=1e-4)
+    assert "lightning_grokfast.GrokfastCallback" in out and "lightning_grokfast.OrthoGradCallback" in out
 
 
-# ------------------------------------------------------------------------------------ (e) benchmark
+def test_callback_help_takes_the_short_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        example.main(["fit", "--trainer.callbacks.help", "GrokfastCallback"], run=False)
+    out = capsys.readouterr().out
+    assert "--trainer.callbacks.alpha" in out and "--trainer.callbacks.fp32_state" in out
 
 
-def _run(name: str, seed: int, steps: int | None, budget: int = 1000) -> dict[str, Any]:
-    return {
-        "name": name,
-        "seed": seed,
-        "steps_to_95": steps,
-        "wall_s": 1.0,
-        "final_val_acc": 0.96 if steps else 0.5,
-        "budget": budget,
-        "val_curve": {"step": [10, 20], "acc": [0.1, 0.96 if steps else 0.5]},
-    }
-
-
-def test_benchmark_report_only_aggregates(bench: ModuleType, tmp_path: Path) -> None:
-    runs = [
-        _run("baseline", 0, None, budget=1000),  # not reached: every speed-up against it is a lower bound
-        _run("weight_decay", 0, 300),
-        _run("weight_decay", 1, 500),
-        _run("weight_decay", 2, 400),
-        _run("grokfast_ema", 0, 100),
-        _run("grokfast_ema", 1, 200),
-        _run("grokfast_ema", 2, None, budget=1000),
-        _run("grokfast_ma", 0, None, budget=600),
+def test_readme_command_line_form_adds_the_callback(tmp_path: Path) -> None:
+    args = [
+        "--config",
+        str(REPO / "examples" / "configs" / "baseline.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
     ]
-    (tmp_path / "runs").mkdir()
-    for r in runs:
-        (tmp_path / "runs" / f"{r['name']}-seed{r['seed']}.json").write_text(json.dumps(r))
-    assert bench.main(["--out", str(tmp_path), "--report-only"]) == 0
+    args += ["--trainer.callbacks+=lightning_grokfast.GrokfastCallback", "--trainer.callbacks.alpha", "0.9"]
+    args += ["--trainer.callbacks+=OrthoGradCallback", "--trainer.callbacks.apply_to", "matrices"]
+    cli = example.main(args, run=False)
+    (grokfast,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, GrokfastCallback)]
+    (ortho,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, OrthoGradCallback)]
+    assert grokfast.alpha == 0.9 and grokfast.lamb == 2.0 and ortho.apply_to == "matrices"
+
+
+# ------------------------------------------------------------------------------------ plain PyTorch
+
+
+def test_plain_and_fabric_loops_do_the_same_arithmetic(capsys: pytest.CaptureFixture[str]) -> None:
+    filtered = plain_pytorch.train_plain(steps=60, use_filter=True)
+    assert "amplification" in capsys.readouterr().out
+    assert plain_pytorch.train_fabric(steps=60) == pytest.approx(filtered, rel=1e-4)
+    assert plain_pytorch.train_plain(steps=60, use_filter=False) != pytest.approx(filtered, rel=1e-4)
+    assert plain_pytorch.train_plain(steps=60, orthograd=True) != pytest.approx(filtered, rel=1e-4)
+
+
+def test_scaler_loop_filters_unscaled_gradients() -> None:
+    loss, grokfast = plain_pytorch.train_amp(steps=40)
+    manual_loss, manual = plain_pytorch.train_amp(steps=40, unscale_first=True)
+    assert loss == manual_loss  # step(scaler=...) unscales exactly once, as scaler.unscale_ does
+    for name, state in grokfast.state.items():
+        torch.testing.assert_close(state["mu"], manual.state[name]["mu"], rtol=0, atol=0)
+    # the scale is 4096: a state built from scaled gradients would be thousands of times larger
+    mean_mu = torch.cat([s["mu"].abs().flatten() for s in grokfast.state.values()]).mean()
+    assert 0 < float(mean_mu) < 1.0
+
+
+# ------------------------------------------------------------------------------------ the sweep
+
+
+def _store(out: Path, method: str, wd: float, seed: int, steps: int | None, budget: int = 1000) -> None:
+    path = grokking.run_path(out, "modmul", method, wd, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"task": "modmul", "method": method, "settings": [], "weight_decay": wd, "seed": seed, "threshold": 0.95}
+    record |= {"steps_to_threshold": steps, "budget": budget, "val_curve": {}}
+    path.write_text(json.dumps(record))
+
+
+def test_summary_counts_a_missed_run_as_its_budget_and_flags_bounds() -> None:
+    runs = [
+        {"seed": 0, "steps_to_threshold": 300, "budget": 1000},
+        {"seed": 1, "steps_to_threshold": None, "budget": 1000},
+    ]
+    runs.append({"seed": 2, "steps_to_threshold": 500, "budget": 1000})
+    s = grokking.summarize(runs)
+    assert (s["median"], s["min"], s["max"], s["reached"]) == (500, 300, 1000, 2)
+    assert not s["median_is_bound"] and s["max_is_bound"] and s["steps"] == [300, None, 500]
+    missed = grokking.summarize([{"seed": 0, "steps_to_threshold": None, "budget": 900}] * 2)
+    assert missed["median_is_bound"] and missed["min_is_bound"]
+
+
+def test_report_compares_each_methods_best_with_the_best_weight_decay_alone(tmp_path: Path) -> None:
+    for seed, (a, b, c) in enumerate([(400, 800, 200), (600, 900, 250), (500, None, 300)]):
+        _store(tmp_path, "none", 0.001, seed, a)
+        _store(tmp_path, "none", 0.01, seed, b)
+        _store(tmp_path, "grokfast_ema", 0.01, seed, c)
+    text = grokking.report(tmp_path, make_plot=True)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert (tmp_path / "val_acc.png").exists()
-    assert len(results["runs"]) == 8 and results["runs"][0]["name"] == "baseline"
-
-    s = results["summary"]
-    assert list(s) == ["baseline", "weight_decay", "grokfast_ema", "grokfast_ma"]
-    assert s["weight_decay"]["median_steps_to_95"] == 400 and not s["weight_decay"]["median_lower_bound"]
-    assert (s["weight_decay"]["min"], s["weight_decay"]["max"]) == (300, 500)
-    assert s["grokfast_ema"]["median_steps_to_95"] == 200 and not s["grokfast_ema"]["median_lower_bound"]
-    assert s["grokfast_ema"]["max"] == 1000 and s["grokfast_ema"]["max_lower_bound"]
-    assert (s["grokfast_ema"]["n_seeds"], s["grokfast_ema"]["n_reached"]) == (3, 2)
-    assert s["baseline"]["median_steps_to_95"] == 1000 and s["baseline"]["median_lower_bound"]
-
-    sp = results["speedup"]
-    assert sp["grokfast_ema"]["vs_baseline"] == pytest.approx(5.0)  # >= 1000 / 200
-    assert sp["grokfast_ema"]["bounds"]["vs_baseline"] == "lower" and sp["grokfast_ema"]["lower_bound"]
-    assert sp["grokfast_ema"]["vs_weight_decay"] == pytest.approx(2.0)
-    assert sp["grokfast_ema"]["bounds"]["vs_weight_decay"] == "exact"
-    assert sp["weight_decay"]["vs_baseline"] == pytest.approx(2.5) and sp["weight_decay"]["lower_bound"]
-    assert sp["baseline"]["vs_baseline"] == 1.0 and sp["baseline"]["bounds"]["vs_baseline"] == "exact"
-    assert sp["baseline"]["bounds"]["vs_weight_decay"] == "upper"
-    # the target did not reach 95%: an upper bound; neither reached: unknown
-    assert sp["grokfast_ma"]["vs_weight_decay"] == pytest.approx(400 / 600)
-    assert sp["grokfast_ma"]["bounds"]["vs_weight_decay"] == "upper" and sp["grokfast_ma"]["upper_bound"]
-    assert sp["grokfast_ma"]["vs_baseline"] is None and sp["grokfast_ma"]["bounds"]["vs_baseline"] == "unknown"
+    assert len(results["runs"]) == 9 and "val_curve" not in results["runs"][0]
+    assert results["summary"]["modmul"]["none"]["0.01"]["median"] == 900  # a missed run counts as its budget
+    assert "| grokfast_ema | 0.01 | 250 (200-300, n=3) | 2.00x |" in text  # best 500 alone against 250
+    assert "(best weight decay alone: 0.001)" in text
+    assert (tmp_path / "results.md").read_text().count("| none |") == 2
+    assert (tmp_path / "modmul.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_benchmark_tiny_real_run_is_stored_and_resumed(
-    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    args = ["--out", str(tmp_path), "--no-plot", "--configs", "grokfast_ma", "--budget", "6"]
-    args += ["--override", "data.p=11", "--override", "model.width=16"]
-    assert bench.main(args) == 0  # runs the example CLI in a subprocess
-    out = capsys.readouterr().out
-    record = json.loads((tmp_path / "runs" / "grokfast_ma-seed0.json").read_text())
-    assert record["budget"] == 6 and record["global_step"] == 6
-    assert record["val_curve"]["step"] == [1, 2, 3, 4, 5, 6]
-    assert "--data.p" in record["command"] and "grokfast_ma.yaml" in " ".join(record["command"])
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert [r["name"] for r in results["runs"]] == ["grokfast_ma"]
-    assert "| grokfast_ma | 1 (" in out
-    assert bench.main(args) == 0  # resumable: the stored run is not repeated
-    again = capsys.readouterr().out
-    assert "already in" in again and "[start]" not in again
-
-
-def test_benchmark_imports_a_cli_run_from_its_metrics_csv(bench: ModuleType, tmp_path: Path) -> None:
-    # a run made directly with the example CLI whose grokking.json is missing (e.g. it was killed)
-    log_dir = tmp_path / "csv" / "version_0"
-    log_dir.mkdir(parents=True)
-    rows = ["epoch,step,train_acc,train_loss,val_acc,val_loss", "0,9,0.5,1.0,,", "0,9,,,0.50,2.0"]
-    rows += ["1,19,1.0,0.1,,", "1,19,,,0.96,0.2", "2,29,,,0.97,0.1"]
-    (log_dir / "metrics.csv").write_text("\n".join(rows) + "\n")
-    out = tmp_path / "bench"
-    assert bench.main(["--out", str(out), "--no-plot", "--import-run", "baseline", "0", str(log_dir)]) == 0
-    record = json.loads((out / "runs" / "baseline-seed0.json").read_text())
-    # Lightning logs the end-of-epoch validation under global_step - 1
-    assert record["steps_to_95"] == 20 and record["val_curve"]["step"] == [10, 20, 30]
-    assert record["budget"] == 100000  # from examples/configs/baseline.yaml
-    results = json.loads((out / "results.json").read_text())
-    assert results["summary"]["baseline"]["median_steps_to_95"] == 20
+def test_sweep_runs_through_the_cli_stores_one_file_and_resumes(tmp_path: Path) -> None:
+    args = ["--task", "modmul", "--methods", "orthograd_ema", "--wd", "0.001", "--seeds", "3", "--budget", "20"]
+    args += ["--out", str(tmp_path / "out"), "--logs", str(tmp_path / "logs"), "--no-plot"]
+    assert grokking.main(args) == 0
+    path = grokking.run_path(tmp_path / "out", "modmul", "orthograd_ema", 0.001, 3)
+    record = json.loads(path.read_text())
+    assert record["budget"] == 20 and record["weight_decay"] == 0.001 and record["seed"] == 3
+    assert [cb["class_path"].rsplit(".", 1)[1] for cb in record["settings"]] == [
+        "OrthoGradCallback",
+        "GrokfastCallback",
+    ]
+    assert record["steps_to_threshold"] is None and record["val_curve"]["step"][-1] == 20
+    assert grokking.is_done(path, 20) and not grokking.is_done(path, 40)  # a larger budget reruns it
+    mtime = path.stat().st_mtime_ns
+    assert grokking.main(args) == 0 and path.stat().st_mtime_ns == mtime  # done: skipped
