@@ -314,14 +314,23 @@ class GrokfastCallback(_TransformCallback):
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return  # Lightning calls load_state_dict next
-        others = [v.get("config", {}) for k, v in states.items() if str(k).startswith("GrokfastCallback")]
+        others = [v for k, v in states.items() if str(k).startswith("GrokfastCallback") and isinstance(v, dict)]
+        fitting = [v for v in others if self._fits(v.get("config", {}))]
+        if len(fitting) == 1:  # written by 0.1.0, whose key held every setting: Lightning does not find it
+            self.load_state_dict(fitting[0])
+            return
         if others:
+            held = "; ".join(_fmt("GrokfastCallback", v.get("config", {})) for v in others)
             raise ValueError(
-                f"{self!r}: the checkpoint's Grokfast state does not fit this callback. It holds: "
-                f"{'; '.join(_fmt('GrokfastCallback', c) for c in others)}. A filter of the other kind or another "
-                "window cannot continue from it; resume with the saved settings."
+                f"{self!r}: the checkpoint's Grokfast state does not fit this callback. It holds: {held}. A "
+                "filter of the other kind or another window cannot continue from it; resume with the saved settings."
             )
         rank_zero_warn(f"{self!r}: the checkpoint holds no Grokfast state; the filter starts fresh from this step.")
+
+    def _fits(self, saved: dict[str, Any]) -> bool:
+        """Whether state saved under the settings ``saved`` can continue here: the same filter (and MA window)."""
+        same = saved.get("filter") == self.filter
+        return same and (self.filter == "ema" or saved.get("window_size") == self.window_size)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
