@@ -53,19 +53,13 @@ def norms(tensors: list[Tensor], foreach: bool) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors])
 
 
-def dots(xs: list[Tensor], ys: list[Tensor], foreach: bool) -> Tensor:
-    """Per-pair dot products ``<x, y>`` in float64, stacked into one tensor.
+def dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """Per-pair dot products ``<x, y>`` (float32 at least, one pass each), stacked into one float64 tensor.
 
-    The multi-tensor path has no per-pair kernel, so it takes the products once and splits their sum into its
-    positive and negative parts, two L1 norms accumulated in float64: ``sum(p) = 2 * |max(p, 0)|_1 - |p|_1``.
+    There is no multi-tensor dot kernel; one ``torch.dot`` per pair reads each tensor once and allocates
+    nothing, which measured faster than any ``_foreach`` detour through products and norms.
     """
-    if not foreach:
-        return torch.stack([torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(xs, ys)])
-    products = torch._foreach_mul(xs, ys)
-    total = torch.stack(torch._foreach_norm(products, 1, dtype=torch.float64))
-    torch._foreach_clamp_min_(products, 0.0)
-    positive = torch.stack(torch._foreach_norm(products, 1, dtype=torch.float64))
-    return 2 * positive - total
+    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]).double()
 
 
 def all_finite(tensors: list[Tensor]) -> bool:

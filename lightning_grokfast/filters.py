@@ -134,7 +134,7 @@ def _as_state_dtype(grads: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
 
 def _add_stats(grads: list[Tensor], slows: list[Tensor], scale: float, foreach: bool) -> tuple[Tensor, Tensor]:
     """``(<g, scale * slow>, |scale * slow|^2)`` summed over the pairs, in float64."""
-    dot = scale * dots(grads, slows, foreach).sum()
+    dot = scale * dots(grads, slows).sum()
     return dot, (scale * norms(slows, foreach).double()).square().sum()
 
 

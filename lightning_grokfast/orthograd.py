@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import Tensor
 
-from lightning_grokfast._base import LOW_PRECISION, Entry, GradientTransform, Params, dots, norms, safe_div
+from lightning_grokfast._base import LOW_PRECISION, Entry, GradientTransform, Params, dots, safe_div
 from lightning_grokfast._validation import check_choice
 
 APPLY_TO = ("all", "matrices")
@@ -54,37 +54,49 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
+def _in_compute_dtype(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors, flattened, in float32 at least (views where they already are)."""
+    return [t.reshape(-1).to(_compute_dtype(t.dtype)) for t in tensors]
+
+
+def _coefficients(ws: list[Tensor], gs: list[Tensor], ww: Tensor) -> tuple[Tensor, Tensor]:
+    """``<w, g> / <w, w>`` per pair (0 where ``w`` is 0), and the squared norms of the radial parts."""
+    wg = dots(ws, gs).to(ww.dtype)
+    coef = torch.where(ww > 0, wg / ww, torch.zeros_like(ww))
+    return coef, coef * wg
+
+
+def _rescale(perp_norms: Tensor, g_norms: Tensor) -> Tensor:
+    """``|g| / |g_perp|``, or 0 where ``g_perp`` is rounding residue of a radial gradient."""
+    tol = 32 * torch.finfo(perp_norms.dtype).eps * g_norms
+    return torch.where(perp_norms > tol, g_norms / perp_norms, torch.zeros_like(perp_norms))
+
+
 def _orthograd_single(ws: list[Tensor], gs: list[Tensor], g_norms: Tensor) -> Tensor:
     """Orthogonalize ``gs`` against ``ws`` in place, one tensor at a time; return the radial parts' squared norms."""
-    radial_sq = []
-    for w, g, g_norm in zip(ws, gs, g_norms):
-        w_, g_ = w.reshape(-1).to(_compute_dtype(w.dtype)), g.reshape(-1).to(_compute_dtype(g.dtype))
-        wg, ww = torch.dot(w_.double(), g_.double()), torch.dot(w_.double(), w_.double())
-        coef = torch.where(ww > 0, wg / ww, torch.zeros_like(ww))
-        perp = g_ - coef.to(g_.dtype) * w_
-        perp_norm = torch.linalg.vector_norm(perp)
-        tol = 32 * torch.finfo(perp.dtype).eps * g_norm
-        scale = torch.where(perp_norm > tol, g_norm / perp_norm, torch.zeros_like(perp_norm))
-        g.copy_((perp * scale.to(perp.dtype)).view_as(g))
-        radial_sq.append(coef * wg)
-    return torch.stack(radial_sq)
+    w_, g_ = _in_compute_dtype(ws), _in_compute_dtype(gs)
+    ww = dots(w_, w_).to(w_[0].dtype)
+    coef, radial_sq = _coefficients(w_, g_, ww)
+    for w, g, c, g_norm, out in zip(w_, g_, coef, g_norms.to(ww.dtype), gs):
+        g.addcmul_(w, c, value=-1.0)
+        g.mul_(_rescale(torch.linalg.vector_norm(g), g_norm))
+        if g.data_ptr() != out.data_ptr():
+            out.copy_(g.view_as(out))
+    return radial_sq.double()
 
 
 def _orthograd_foreach(ws: list[Tensor], gs: list[Tensor], g_norms: Tensor) -> Tensor:
-    """:func:`_orthograd_single` with ``torch._foreach_*`` kernels over the whole group."""
-    dtype = _compute_dtype(gs[0].dtype)
-    w_ = [w if w.dtype == dtype else w.to(dtype) for w in ws]
-    g_ = gs if gs[0].dtype == dtype else [g.to(dtype) for g in gs]
-    wg, ww = dots(w_, g_, True), norms(w_, True).double().square()
-    coef = torch.where(ww > 0, wg / ww, torch.zeros_like(ww))
-    torch._foreach_sub_(g_, torch._foreach_mul(w_, coef.tolist()))
-    perp_norms = norms(g_, True)
-    tol = 32 * torch.finfo(dtype).eps * g_norms
-    scale = torch.where(perp_norms > tol, g_norms / perp_norms, torch.zeros_like(perp_norms))
-    torch._foreach_mul_(g_, scale.tolist())
-    if g_ is not gs:
-        torch._foreach_copy_(gs, g_)
-    return coef * wg
+    """:func:`_orthograd_single` with ``torch._foreach_*`` kernels for everything but the dot products."""
+    w_, g_ = _in_compute_dtype(ws), _in_compute_dtype(gs)
+    ww = torch.stack(torch._foreach_norm(w_)).square()
+    coef, radial_sq = _coefficients(w_, g_, ww)
+    torch._foreach_addcmul_(g_, w_, list(coef.unbind()), value=-1.0)
+    scale = _rescale(torch.stack(torch._foreach_norm(g_)), g_norms.to(ww.dtype))
+    torch._foreach_mul_(g_, list(scale.unbind()))
+    copies = [(out, g.view_as(out)) for g, out in zip(g_, gs) if g.data_ptr() != out.data_ptr()]
+    if copies:  # 16-bit or non-contiguous gradients were worked on in a copy
+        torch._foreach_copy_([out for out, _ in copies], [g for _, g in copies])
+    return radial_sq.double()
 
 
 class OrthoGrad(GradientTransform):
