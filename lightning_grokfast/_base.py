@@ -270,7 +270,7 @@ class GradientTransform:
             else:
                 finite = not self.skip_nonfinite or all(all_finite([e.grad for e in g]) for g in groups)
             if self.skip_nonfinite and not finite:
-                self._on_nonfinite(next(e.name for e in entries if not bool(torch.isfinite(e.grad).all())))
+                self._on_nonfinite(next((e.name for e in entries if not bool(torch.isfinite(e.grad).all())), None))
                 return self._stats(applied=False, skipped_nonfinite=True)
             return self._apply(groups, foreach, raw_norms, compute_stats)
 
@@ -314,10 +314,16 @@ class GradientTransform:
         """The dtype of the state kept for gradients of ``grad_dtype``."""
         return grad_dtype
 
-    def _on_nonfinite(self, name: str) -> None:
+    def _on_nonfinite(self, name: Optional[str]) -> None:
+        """Warn at the first skipped step; ``name`` is ``None`` when every value is finite but a norm overflows."""
         if self.skipped_steps == 0:
+            what = (
+                f"the gradient of {name!r} holds inf or NaN"
+                if name is not None
+                else "the gradients are finite, but their norm overflows their dtype"
+            )
             warnings.warn(
-                f"{type(self).__name__}: the gradient of {name!r} holds inf or NaN; this step was skipped, the state "
+                f"{type(self).__name__}: {what}; this step was skipped, the state "
                 "and the gradients left as they were. Further skips are counted in `skipped_steps` without a "
                 "warning.",
                 RuntimeWarning,

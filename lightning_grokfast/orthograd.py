@@ -9,11 +9,11 @@ Without weight decay, training pushes the weights along their own direction (it 
 softmax saturates and learning stalls; removing the radial part of the gradient stops that.
 
 Rules at the edges: a weight of zero leaves its gradient as it is (no direction to remove). A gradient that is
-radial to within rounding (``|g_perp| <= 32 * eps * |g|`` in the compute dtype, so always for a scalar
-parameter) is set to zero: there is no orthogonal direction to move along, and rescaling the rounding residue
-to ``|g|`` would step in a random direction. Otherwise the result agrees with ``pytorch_optimizer.OrthoGrad``.
-The arithmetic is in float32 at least (dot products in float64) and the result is written back in the
-gradient's dtype.
+radial to within rounding (``|g_perp|`` below ``32 * eps`` of the compute dtype, or below one ``eps`` of the
+gradient's own dtype, times ``|g|``; so always for a nonzero scalar parameter) is set to zero: there is no
+orthogonal direction to move along, and rescaling the rounding residue to ``|g|`` would step in a random
+direction. Otherwise the result agrees with ``pytorch_optimizer.OrthoGrad``. The arithmetic is in float32 at
+least and the result is written back in the gradient's dtype.
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ def _coefficients(ws: list[Tensor], gs: list[Tensor], ww: Tensor) -> tuple[Tenso
     return coef, coef * wg
 
 
-def _rescale(perp_norms: Tensor, g_norms: Tensor) -> Tensor:
-    """``|g| / |g_perp|``, or 0 where ``g_perp`` is rounding residue of a radial gradient."""
-    tol = 32 * torch.finfo(perp_norms.dtype).eps * g_norms
+def _rescale(perp_norms: Tensor, g_norms: Tensor, grad_dtype: torch.dtype) -> Tensor:
+    """``|g| / |g_perp|``, or 0 where ``g_perp`` is rounding residue of a radial gradient: below 32 units of the
+    compute dtype's rounding, or one of the gradient's own (a 16-bit gradient is rounded before it arrives)."""
+    tol = max(32 * torch.finfo(perp_norms.dtype).eps, torch.finfo(grad_dtype).eps) * g_norms
     return torch.where(perp_norms > tol, g_norms / perp_norms, torch.zeros_like(perp_norms))
 
 
@@ -79,7 +80,7 @@ def _orthograd_single(ws: list[Tensor], gs: list[Tensor], g_norms: Tensor) -> Te
     coef, radial_sq = _coefficients(w_, g_, ww)
     for w, g, c, g_norm, out in zip(w_, g_, coef, g_norms.to(ww.dtype), gs):
         g.addcmul_(w, c, value=-1.0)
-        g.mul_(_rescale(torch.linalg.vector_norm(g), g_norm))
+        g.mul_(_rescale(torch.linalg.vector_norm(g), g_norm, out.dtype))
         if g.data_ptr() != out.data_ptr():
             out.copy_(g.view_as(out))
     return radial_sq.double()
@@ -88,10 +89,10 @@ def _orthograd_single(ws: list[Tensor], gs: list[Tensor], g_norms: Tensor) -> Te
 def _orthograd_foreach(ws: list[Tensor], gs: list[Tensor], g_norms: Tensor) -> Tensor:
     """:func:`_orthograd_single` with ``torch._foreach_*`` kernels for everything but the dot products."""
     w_, g_ = _in_compute_dtype(ws), _in_compute_dtype(gs)
-    ww = torch.stack(torch._foreach_norm(w_)).square()
+    ww = dots(w_, w_).to(w_[0].dtype)  # as <w, g>: two roundings of one kind cancel for a radial gradient
     coef, radial_sq = _coefficients(w_, g_, ww)
     torch._foreach_addcmul_(g_, w_, list(coef.unbind()), value=-1.0)
-    scale = _rescale(torch.stack(torch._foreach_norm(g_)), g_norms.to(ww.dtype))
+    scale = _rescale(torch.stack(torch._foreach_norm(g_)), g_norms.to(ww.dtype), gs[0].dtype)
     torch._foreach_mul_(g_, list(scale.unbind()))
     copies = [(out, g.view_as(out)) for g, out in zip(g_, gs) if g.data_ptr() != out.data_ptr()]
     if copies:  # 16-bit or non-contiguous gradients were worked on in a copy
