@@ -1,1067 +1,346 @@
-"""Overhead benchmark of the Grokfast filters: time, state memory and peak RSS, as ratios.
+"""Per-step cost of the Grokfast filters and OrthoGrad, measured with ``torch.utils.benchmark``.
 
-What one run measures, in one process, on four models (``--models`` picks a subset):
+Each case is a ``Timer`` (``--threads`` torch threads, default 1) run by ``blocked_autorange``; ``Compare`` prints
+the tables and each section ends with ratios of medians of this one run (``A / B``: below 1, A is faster); on a
+shared machine compare ratios within a run, not times across runs. Sections: 1. ours vs the authors' loops
+(restated below from their description); 2. vs the memory floor; 3. vs AdamW; 4. share of the example's training
+step; 5. MA window independence; 6. ``compute_stats``; 7. bfloat16 with and without the float32 state;
+8. OrthoGrad and fused GrokFastAdamW vs peers (optional packages: "not installed" when absent); then the state
+bytes per parameter byte and, on CUDA, ``torch.cuda.max_memory_allocated`` during each case.
 
-* ``example``: the 423k-parameter transformer of ``examples/modular_arithmetic.py`` (x * y mod 97);
-* ``many-small``: 300 tiny ``Linear(32, 32) + LayerNorm(32)`` layers (1,200 tensors, 336k parameters),
-  where the cost per tensor dominates;
-* ``large``: three ``Linear(4096, 4096)`` (50.3M parameters, 200 MB of gradients), where the bytes
-  moved dominate. Its MA filters run at window 10 only: window 100 would hold 100 x 200 MB per filter;
-* ``large-ma``: three ``Linear(1824, 1824)`` (10.0M parameters), the stand-in of ``large`` for the MA
-  filters at window 10 and 100 (ours and the authors').
-
-For each model it times, interleaved (every repeat runs every variant once, in a fresh random order)
-and summarized by the median:
-
-* ``EMAFilter.step()`` (default: ``_foreach`` path with the inf/NaN check), with
-  ``skip_nonfinite=False``, with ``foreach=False`` and with ``compute_stats=True``;
-* ``MAFilter.step()`` at window 10 and 100 (full windows), at window 10 also ``foreach=False`` and
-  ``compute_stats=True``;
-* the authors' filters, re-implemented here from their description for comparison only: a Python loop
-  over ``model.named_parameters()`` that allocates new tensors every step (EMA), and a ``deque`` per
-  parameter summed in full every step (MA);
-* the floor: the least memory traffic any Grokfast step needs, reading and writing the gradients and
-  one state tensor once each: ``torch._foreach_copy_(state, grads)`` then
-  ``torch._foreach_copy_(grads, state)``;
-* one ``torch.optim.AdamW(foreach=True)`` step of the same parameters (torch's defaults otherwise);
-* for ``example`` only: a whole training step (``zero_grad``, forward, backward, AdamW) on a batch of
-  512 (``--batch``), without and with ``EMAFilter.step()``.
-
-Gradients are random, copied in from a pool of two sets before every timed call, outside the timed
-region (the filters change ``.grad`` in place; the reset also keeps the values finite, so the inf/NaN
-check never skips the work). MA filters run with full windows: ours is stepped ``window`` times first,
-the authors' deques are filled with ``window`` distinct tensors. The authors' loops run on a deep copy
-of the model, since they replace every ``.grad`` storage at each step. Python's garbage collector is
-paused inside each round and run between rounds, as ``timeit`` does.
-
-Clock: on a CPU device with one torch thread (``--threads 1``) the tables use the CPU time of the
-calling thread (``time.thread_time``; with one thread torch runs every op inline), because on a shared
-machine the wall clock of a call doubles whenever another process takes the core, and longer calls are
-hit more often, which biases the ratios. Otherwise (or with ``--clock wall``) the wall clock is used,
-with ``torch.cuda.synchronize()`` around each call on CUDA. The JSON holds both.
-
-It also reports the filter state bytes against the parameter bytes (``state_bytes()``; the authors'
-state counted by distinct storages), ``step(compute_stats=True)`` against ``step()``, and the peak
-RSS (``VmHWM``, reset before the training loop) of short training runs of the example model, one
-subprocess per variant.
-
-Timing on a shared machine is noisy: compare the ratios of one run, not absolute times across runs.
-
-Examples:
-    python benchmarks/overhead.py --threads 1 --json overhead.json
-    python benchmarks/overhead.py --quick
-    python benchmarks/overhead.py --models example many-small --repeats 100 --no-rss
-    python benchmarks/overhead.py --device cuda --json overhead-cuda.json
+The filters change ``.grad`` in place and are timed back to back on the same gradients, so all run with
+``lamb=1e-6``, which keeps the gradients finite over millions of calls; the work does not depend on ``lamb``.
+Run: ``OMP_NUM_THREADS=1 python benchmarks/overhead.py [--quick] [--json PATH] [--device cuda] [--threads N]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
-import importlib.util
+import importlib
 import json
-import os
 import platform
-import random
-import resource
-import statistics
-import subprocess
 import sys
-import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import benchmark
 
-from lightning_grokfast import EMAFilter, MAFilter
+from lightning_grokfast import EMAFilter, MAFilter, OrthoGrad
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "modular_arithmetic.py"
-MODELS = ("example", "many-small", "large", "large-ma")
-RSS_VARIANTS = ("none", "ema", "ma", "authors_ema", "authors_ma")
-RSS_LABELS = {
-    "none": "no Grokfast",
-    "ema": "EMA (ours)",
-    "ma": "MA (ours)",
-    "authors_ema": "EMA (authors')",
-    "authors_ma": "MA (authors')",
+ALPHA, LAMB = 0.98, 1e-6  # see the module docstring for the small lamb
+VOCAB, SEQ = 99, 4  # the example: x * y mod 97, vocabulary p + 2, context 4
+Table = dict[str, dict[str, dict[str, Any]]]
+TITLES = {
+    "authors": "1. Ours vs the authors' loops",
+    "floor": "2. EMA vs the memory floor (one _foreach_lerp_ of a state toward the gradients)",
+    "adamw": "3. Filter step vs an AdamW step (foreach=True) on the same parameters",
+    "train": "4. EMA share of the example's training step (forward + backward + Adam)",
+    "window": "5. MA window independence (medians of table 1)",
+    "stats": "6. EMA step(compute_stats=True) vs step()",
+    "bf16": "7. bfloat16 parameters: EMA with fp32_state=True vs False",
+    "orthograd": "8. OrthoGrad and fused GrokFastAdamW vs peers",
+    "memory": "Memory: filter state bytes / parameter bytes (state_bytes() after the timed steps; OrthoGrad has none)",
 }
-ALPHA, EMA_LAMB, MA_LAMB = 0.98, 2.0, 5.0
-P = 97  # modulus of the example task; vocabulary p + 2, context 4
-
-VARIANT_LABELS = {
-    "ema": "EMA step()",
-    "ema_nocheck": "EMA step(), skip_nonfinite=False",
-    "ema_loop": "EMA step(), foreach=False",
-    "ema_stats": "EMA step(compute_stats=True)",
-    "ma10": "MA w10 step()",
-    "ma10_loop": "MA w10 step(), foreach=False",
-    "ma10_stats": "MA w10 step(compute_stats=True)",
-    "ma100": "MA w100 step()",
-    "authors_ema": "authors' EMA loop",
-    "authors_ma10": "authors' MA w10 loop",
-    "authors_ma100": "authors' MA w100 loop",
-    "floor": "floor (copy grads->state->grads)",
-    "adamw": "AdamW step (foreach)",
-    "train": "train step (fwd+bwd+AdamW)",
-    "train_ema": "train step + EMA step()",
-}
-
-# (row label, numerator, denominator): every ratio is a quotient of two medians of one run.
-RATIOS: tuple[tuple[str, str, str], ...] = (
-    ("EMA / authors' EMA", "ema", "authors_ema"),
-    ("EMA / floor", "ema", "floor"),
-    ("EMA (skip_nonfinite=False) / floor", "ema_nocheck", "floor"),
-    ("EMA / EMA (skip_nonfinite=False): cost of the inf/NaN check", "ema", "ema_nocheck"),
-    ("EMA foreach=False / EMA", "ema_loop", "ema"),
-    ("EMA / AdamW step", "ema", "adamw"),
-    ("EMA compute_stats=True / EMA", "ema_stats", "ema"),
-    ("MA w10 / authors' MA w10", "ma10", "authors_ma10"),
-    ("MA w100 / authors' MA w100", "ma100", "authors_ma100"),
-    ("MA w100 / MA w10", "ma100", "ma10"),
-    ("MA w10 / floor", "ma10", "floor"),
-    ("MA w10 / AdamW step", "ma10", "adamw"),
-    ("MA w10 foreach=False / MA w10", "ma10_loop", "ma10"),
-    ("MA w10 compute_stats=True / MA w10", "ma10_stats", "ma10"),
-    ("EMA / train step (EMA's share)", "ema", "train"),
-    ("train step + EMA / train step", "train_ema", "train"),
-)
-
-
-# --------------------------------------------------------------------------------------------
-# The authors' filters, restated from their description (for comparison only)
-# --------------------------------------------------------------------------------------------
-
-
-def authors_ema(model: nn.Module, grads: Optional[dict[str, Tensor]], alpha: float, lamb: float) -> dict[str, Tensor]:
-    """The authors' EMA filter as they describe it: a Python loop allocating new tensors every step.
-
-    Args:
-        model: The model whose ``.grad`` are filtered (the loop walks ``model.named_parameters()``).
-        grads: The state returned by the previous call (``None`` on the first).
-        alpha: EMA momentum.
-        lamb: Amplification.
-
-    Returns:
-        The state to pass to the next call.
-    """
-    if grads is None:
-        grads = {n: p.grad.data.detach() for n, p in model.named_parameters() if p.requires_grad}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            grads[n] = grads[n] * alpha + p.grad.data.detach() * (1 - alpha)
-            p.grad.data = p.grad.data + grads[n] * lamb
-    return grads
-
-
-def authors_ma(
-    model: nn.Module, grads: Optional[dict[str, deque[Tensor]]], window_size: int, lamb: float
-) -> dict[str, deque[Tensor]]:
-    """The authors' MA filter as they describe it: a deque per parameter, summed in full every step.
-
-    Args:
-        model: The model whose ``.grad`` are filtered.
-        grads: The state returned by the previous call (``None`` on the first).
-        window_size: Window length.
-        lamb: Amplification.
-
-    Returns:
-        The state to pass to the next call.
-    """
-    if grads is None:
-        grads = {n: deque(maxlen=window_size) for n, p in model.named_parameters() if p.requires_grad}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            grads[n].append(p.grad.data.detach())
-            if len(grads[n]) == window_size:
-                avg = sum(grads[n]) / len(grads[n])
-                p.grad.data = p.grad.data + avg * lamb
-    return grads
-
-
-def distinct_bytes(tensors: Sequence[Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors``."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
-# --------------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------------
-
-
-def load_example() -> ModuleType:
-    """Import ``examples/modular_arithmetic.py`` (not a package) as a module.
-
-    Returns:
-        The example module.
-    """
-    name = "lightning_grokfast_example_modular_arithmetic"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load the example from {EXAMPLE}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def example_model() -> nn.Module:
-    """The example's transformer: width 128, 2 layers, 4 heads, vocabulary 99, context 4 (423k parameters)."""
-    return load_example().Transformer(P + 2, 128, 2, 4, max_len=4)
-
-
-def example_batch(batch: int, device: torch.device, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """A random batch of the example task: inputs ``[x, op, y, =]`` and targets ``x * y mod p``."""
-    x = torch.randint(0, P, (batch,), generator=generator)
-    y = torch.randint(1, P, (batch,), generator=generator)
-    inputs = torch.stack([x, torch.full_like(x, P + 1), y, torch.full_like(x, P)], dim=1)
-    return inputs.to(device), ((x * y) % P).to(device)
-
-
-def example_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy on the last position, as in the example."""
-    return F.cross_entropy(model(inputs)[:, -1, :], targets)
-
-
-def build_model(key: str, quick: bool) -> tuple[nn.Module, str]:
-    """Build one benchmark model.
-
-    Args:
-        key: One of :data:`MODELS`.
-        quick: Build a small stand-in (except ``example``, which is small already).
-
-    Returns:
-        The model and a short description.
-    """
-    if key == "example":
-        return example_model(), "example transformer"
-    if key == "many-small":
-        layers = 30 if quick else 300
-        mods: list[nn.Module] = []
-        for _ in range(layers):
-            mods += [nn.Linear(32, 32), nn.LayerNorm(32)]
-        return nn.Sequential(*mods), f"{layers}x (Linear 32 + LayerNorm)"
-    if key in ("large", "large-ma"):
-        width = {("large", False): 4096, ("large-ma", False): 1824, ("large", True): 512, ("large-ma", True): 256}
-        w = width[key, quick]
-        return nn.Sequential(*(nn.Linear(w, w) for _ in range(3))), f"3x Linear {w}"
-    raise ValueError(f"unknown model {key!r}; choose from {MODELS}")
-
-
-@dataclass(frozen=True)
-class ModelPlan:
-    """Which variants a model runs.
-
-    Attributes:
-        ema: Run the EMA rows (ours and the authors').
-        ma_windows: MA windows to run (ours and the authors').
-        ma_extras: Also run MA w10 with ``foreach=False`` and ``compute_stats=True``.
-        train: Also time whole training steps (the example only).
-        note: Printed under the table.
-    """
-
-    ema: bool = True
-    ma_windows: tuple[int, ...] = (10, 100)
-    ma_extras: bool = True
-    train: bool = False
-    note: str = ""
-
-
-PLANS = {
-    "example": ModelPlan(train=True),
-    "many-small": ModelPlan(),
-    "large": ModelPlan(
-        ma_windows=(10,),
-        ma_extras=False,
-        note="large: MA at window 10 only (window 100 would need 101 x 200 MB for ours and 100 x 200 MB for "
-        "the authors'); MA at window 100 is measured on large-ma (10.0M parameters) instead.",
-    ),
-    "large-ma": ModelPlan(note="large-ma: the MA stand-in of large (EMA kept as a reference point)."),
+EMA, MA10, MA100 = "EMA (ours)", "MA w10 (ours)", "MA w100 (ours)"
+A_EMA, A_MA10, A_MA100 = "EMA (authors')", "MA w10 (authors')", "MA w100 (authors')"
+OG, OG_LOOP, OG_REF = "OrthoGrad (ours, foreach)", "OrthoGrad (ours, foreach=False)", "OrthoGrad reference loop"
+PO_OG, PO_OG_FE = "pytorch_optimizer OrthoGrad", "pytorch_optimizer OrthoGrad foreach=True"
+EMA_ADAMW, PO_GF = "EMA + AdamW step (ours)", "pytorch_optimizer GrokFastAdamW"
+PO_GF_FE, LU_GF = "pytorch_optimizer GrokFastAdamW foreach=True", "grokfast_pytorch GrokFastAdamW"
+RATIOS: dict[str, list[tuple[str, str]]] = {  # section: (numerator row, denominator row); "window" reads table 1
+    "authors": [(EMA, A_EMA), (MA10, A_MA10), (MA100, A_MA100)],
+    "floor": [(EMA, "floor")],
+    "adamw": [(EMA, "AdamW step"), (MA10, "AdamW step"), (OG, "AdamW step")],
+    "train": [("EMA step", "training step")],
+    "window": [(MA100, MA10), (A_MA100, A_MA10)],
+    "stats": [("compute_stats=True", "step()")],
+    "bf16": [("fp32_state=True", "fp32_state=False")],
+    "orthograd": [(OG, OG_REF), (OG_LOOP, OG_REF), (OG, PO_OG), (OG, PO_OG_FE)]
+    + [(EMA_ADAMW, peer) for peer in (PO_GF, PO_GF_FE, LU_GF)],
 }
 
 
-# --------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------
+class Authors:
+    """What the authors' filters share: the size of their state ``grads`` (tensors, or deques of tensors)."""
+
+    def state_bytes(self) -> int:
+        items = [t for v in (self.grads or {}).values() for t in (v if isinstance(v, deque) else [v])]
+        return sum(t.numel() * t.element_size() for t in items)
 
 
-@dataclass
-class Variant:
-    """One timed variant: ``run`` is timed, ``prepare`` runs just before it, outside the timed region.
+class AuthorsEMA(Authors):
+    """The authors' ``gradfilter_ema``, restated: per parameter, new tensors every step, ``.grad`` replaced."""
 
-    Attributes:
-        key: Row key (see :data:`VARIANT_LABELS`).
-        run: The timed call.
-        prepare: Untimed set-up before each call (resetting the gradients).
-        max_repeats: Cap on the number of timed calls (slow variants), ``None`` for no cap.
-        wall: Wall-clock seconds per timed call.
-        cpu: CPU seconds per timed call (this thread's with one torch thread, else the process's).
-    """
+    def __init__(self, model: nn.Module, alpha: float, lamb: float) -> None:
+        self.model, self.alpha, self.lamb, self.grads = model, alpha, lamb, None
 
-    key: str
-    run: Callable[[], object]
-    prepare: Optional[Callable[[], None]] = None
-    max_repeats: Optional[int] = None
-    wall: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
+    def step(self) -> None:
+        if self.grads is None:
+            self.grads = {n: p.grad.data.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                self.grads[n] = self.grads[n] * self.alpha + p.grad.data.detach() * (1 - self.alpha)
+                p.grad.data = p.grad.data + self.grads[n] * self.lamb
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA); a no-op on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class AuthorsMA(Authors):
+    """The authors' ``gradfilter_ma``, restated: a deque of gradients per parameter, summed whole every step."""
+
+    def __init__(self, model: nn.Module, window: int, lamb: float) -> None:
+        self.model, self.window, self.lamb, self.grads = model, window, lamb, {}
+
+    def step(self) -> None:
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                q = self.grads.setdefault(n, deque(maxlen=self.window))
+                q.append(p.grad.data.detach())
+                if len(q) == self.window:
+                    p.grad.data = p.grad.data + sum(q) / len(q) * self.lamb
 
 
-def cpu_clock() -> Callable[[], float]:
-    """The CPU-time clock: this thread's with one torch thread (ops then run inline), else the process's."""
-    return time.thread_time if torch.get_num_threads() == 1 else time.process_time
+def reference_orthograd(params: Sequence[Tensor]) -> None:
+    """Per-tensor OrthoGrad, as ``pytorch_optimizer.OrthoGrad`` does it without foreach."""
+    for p in params:
+        w, g = p.detach().reshape(-1).float(), p.grad.reshape(-1).float()
+        proj = torch.dot(w, g) / (torch.dot(w, w) + 1e-30)
+        g_ortho = g - proj * w
+        p.grad.copy_((g_ortho * (g.norm() / (g_ortho.norm() + 1e-30))).view_as(p.grad))
 
 
-def resolve_clock(clock: str, device: torch.device) -> str:
-    """``auto`` -> ``cpu`` on a CPU device with one torch thread, else ``wall``.
+class Shape:
+    """A model with a fixed pool of random gradients; :meth:`fresh` gives every parameter a new ``.grad`` copy."""
 
-    On a shared machine the wall clock of a call doubles whenever another process takes the core, and the
-    longer a call the likelier that is; the thread's CPU time does not count that wait. On CUDA only the
-    wall clock (with synchronization) sees the device's work.
-    """
-    if clock != "auto":
-        return clock
-    return "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    def __init__(self, name: str, model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self.name, self.model = name, model.to(device=device, dtype=dtype)
+        self.params = list(self.model.parameters())
+        self.pool = [torch.randn_like(p) for p in self.params]
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.params)
 
-
-def spread(n: int, repeats: int) -> set[int]:
-    """``n`` round numbers spread evenly over ``range(repeats)`` (``n <= repeats``)."""
-    return {i * repeats // n for i in range(n)}
+    def fresh(self) -> list[tuple[str, Tensor]]:
+        for p, g in zip(self.params, self.pool):
+            p.grad = g.clone()
+        return list(self.model.named_parameters())
 
 
-def time_interleaved(variants: list[Variant], repeats: int, device: torch.device, seed: int) -> None:
-    """Time every variant ``repeats`` times, in a fresh random order each round, on both clocks.
+def transformer() -> nn.Module:
+    """The example's transformer (width 128, 2 layers, 4 heads, context 4; 423k parameters)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    return importlib.import_module("modular_arithmetic").Transformer(VOCAB, 128, 2, 4, max_len=SEQ)
 
-    A capped variant runs in evenly spaced rounds only, so its samples still spread over the whole run.
-    Python's garbage collector is paused during each round and run between rounds, as ``timeit`` does:
-    otherwise whichever call triggers a collection pays for traversing every live object (here, the
-    authors' MA deques hold window x tensors-count tensor objects).
 
-    Args:
-        variants: The variants; their ``wall`` and ``cpu`` samples are filled.
-        repeats: Number of rounds.
-        device: Synchronized around each timed call.
-        seed: Seed of the shuffles.
-    """
-    rng = random.Random(seed)
-    cpu_time = cpu_clock()
-    gc_was_enabled = gc.isenabled()
-    for v in variants:  # one untimed warm-up call each
-        if v.prepare is not None:
-            v.prepare()
-        v.run()
-    capped = {id(v): spread(min(v.max_repeats, repeats), repeats) for v in variants if v.max_repeats is not None}
-    for r in range(repeats):
-        order = [v for v in variants if v.max_repeats is None or r in capped[id(v)]]
-        rng.shuffle(order)
+def build_shapes(quick: bool, device: torch.device, dtype: torch.dtype = torch.float32) -> list[Shape]:
+    torch.manual_seed(0)
+    layers, width = (30, 128) if quick else (300, 2048)
+    small = nn.Sequential(*(m for _ in range(layers) for m in (nn.Linear(32, 32), nn.LayerNorm(32))))
+    wide = nn.Sequential(*(nn.Linear(width, width) for _ in range(4)))
+    models = {"many-small": small, "transformer": transformer(), "wide-mlp": wide}
+    return [Shape(name, model, device, dtype) for name, model in models.items()]
+
+
+def optional(module: str, attr: str) -> Optional[Any]:
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError:
+        return None
+
+
+class Bench:
+    """Times cases and keeps their measurements, medians (seconds) and CUDA peaks by section, row and column."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.device = args, torch.device(args.device)
+        self.measurements: dict[str, list[benchmark.Measurement]] = defaultdict(list)
+        self.medians: Table = defaultdict(lambda: defaultdict(dict))  # section -> row -> column -> seconds
+        self.extra: Table = defaultdict(lambda: defaultdict(dict))  # rows of the ratio tables that are no time ratios
+        self.cuda_peak: Table = defaultdict(lambda: defaultdict(dict))
+        self.not_installed: set[str] = set()
+        self.skipped = 0  # steps our transforms skipped for inf/NaN gradients (their timings would be invalid)
+
+    def time(self, section: str, row: str, col: str, fn: Optional[Callable[[], object]]) -> None:
+        if fn is None:  # a peer that is not installed
+            self.medians[section][row][col] = None
+            return self.not_installed.add(row)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        spec = {"label": TITLES[section], "sub_label": row, "description": col, "num_threads": self.args.threads}
+        m = benchmark.Timer("fn()", globals={"fn": fn}, **spec).blocked_autorange(min_run_time=self.args.min_run_time)
+        self.measurements[section].append(m)
+        self.medians[section][row][col] = m.median
+        self.skipped += getattr(getattr(fn, "__self__", None), "skipped_steps", 0)
+        if self.device.type == "cuda":
+            self.cuda_peak[section][row][col] = torch.cuda.max_memory_allocated()
+
+    def ratios(self, section: str) -> dict[str, dict[str, Optional[float]]]:
+        src = self.medians.get("authors" if section == "window" else section, {})
+        out = {}
+        for a, b in RATIOS.get(section, []):
+            num, den = src.get(a, {}), src.get(b, {})
+            out[f"{a} / {b}"] = {c: num[c] / den[c] if num.get(c) and den.get(c) else None for c in {**num, **den}}
+        return {**out, **self.extra.get(section, {})}
+
+    def report(self, section: str) -> None:
+        print(f"\n== {TITLES[section]} ==")
+        if section in self.measurements:
+            benchmark.Compare(self.measurements[section]).print()
+        absent = sorted(r for r in self.not_installed if r in self.medians.get(section, {}))
+        if absent:
+            print("not installed: " + ", ".join(absent))
+        print_table("ratio of medians" if section != "memory" else "state / parameter bytes", self.ratios(section))
+
+
+def print_table(head: str, rows: dict[str, dict[str, Optional[float]]]) -> None:
+    """A plain table, one row per name; a missing value is "-", or "not-installed" in a row about a peer."""
+    cols, width = list(dict.fromkeys(c for v in rows.values() for c in v)), max(map(len, [head, *rows])) + 2
+    print(f"  {head:<{width}}" + "".join(f"{c:>16}" for c in cols))
+    for name, vals in rows.items():
+        missing = "not-installed" if any(peer in name for peer in ("pytorch_optimizer", "grokfast_pytorch")) else "-"
+        cells = [missing if vals.get(c) is None else f"{vals[c]:.3g}" for c in cols]
+        print(f"  {name:<{width}}" + "".join(f"{x:>16}" for x in cells))
+
+
+def sections_per_shape(b: Bench, s: Shape) -> None:
+    """Sections 1, 2, 3, 6 and 8 and the state bytes on one model shape."""
+    col, n = s.name, s.param_bytes
+    for row, make, fill in (
+        (EMA, lambda: EMAFilter(s.fresh(), ALPHA, LAMB), 1),
+        (A_EMA, lambda: AuthorsEMA(s.model, ALPHA, LAMB), 1),
+        (MA10, lambda: MAFilter(s.fresh(), 10, LAMB), 10),
+        (A_MA10, lambda: AuthorsMA(s.model, 10, LAMB), 10),
+        (MA100, lambda: MAFilter(s.fresh(), 100, LAMB), 100),
+        (A_MA100, lambda: AuthorsMA(s.model, 100, LAMB), 100),
+    ):
+        f = make()
+        for _ in range(fill):  # full windows; the authors' deques hold distinct tensors, as in training
+            if isinstance(f, Authors):
+                s.fresh()
+            f.step()
+        b.time("authors", row, col, f.step)
+        b.extra["memory"][row][col] = f.state_bytes() / n
+        del f
         gc.collect()
-        gc.disable()  # as timeit does: a collection triggered by one call would bill it for all live objects
-        for v in order:
-            if v.prepare is not None:
-                v.prepare()
-            synchronize(device)
-            start_cpu = cpu_time()
-            start = time.perf_counter()
-            v.run()
-            synchronize(device)
-            end = time.perf_counter()
-            v.cpu.append(cpu_time() - start_cpu)
-            v.wall.append(end - start)
-        if gc_was_enabled:
-            gc.enable()
+    ema = EMAFilter(s.fresh(), ALPHA, LAMB)
+    floor_state = [g.clone() for g in s.pool]  # the floor reads the pool of gradients, writes its own state
+    b.time("floor", EMA, col, ema.step)
+    b.time("floor", "floor", col, lambda: torch._foreach_lerp_(floor_state, s.pool, 1 - ALPHA))
+    ma, og = MAFilter(s.fresh(), 10, LAMB), OrthoGrad(s.fresh())
+    for _ in range(10):
+        ma.step()
+    adamw = torch.optim.AdamW(s.params, foreach=True)  # the first call of each timer (a warm-up) makes the state
+    for row, fn in ((EMA, ema.step), (MA10, ma.step), (OG, og.step), ("AdamW step", adamw.step)):
+        b.time("adamw", row, col, fn)
+    b.time("stats", "step()", col, ema.step)
+    b.time("stats", "compute_stats=True", col, lambda: ema.step(compute_stats=True))
+    b.time("orthograd", OG, col, og.step)
+    b.time("orthograd", OG_LOOP, col, OrthoGrad(s.fresh(), foreach=False).step)
+    b.time("orthograd", OG_REF, col, lambda: reference_orthograd(s.params))
+    po_og, po_gf = optional("pytorch_optimizer", "OrthoGrad"), optional("pytorch_optimizer", "GrokFastAdamW")
+    for row, fe in ((PO_OG, None), (PO_OG_FE, True)):
+        peer = po_og(torch.optim.SGD(s.params, lr=0.0), foreach=fe) if po_og else None
+        b.time("orthograd", row, col, (lambda p=peer: p.apply_orthogonal_gradients(s.params)) if peer else None)
+    b.time("orthograd", EMA_ADAMW, col, lambda: (ema.step(), adamw.step()))
+    lu_gf = optional("grokfast_pytorch", "GrokFastAdamW")
+    for row, cls, kw in ((PO_GF, po_gf, {}), (PO_GF_FE, po_gf, {"foreach": True}), (LU_GF, lu_gf, {})):
+        opt = cls(s.params, grokfast_lamb=LAMB, **kw) if cls else None
+        b.time("orthograd", row, col, opt.step if opt else None)
+    b.skipped += ema.skipped_steps
 
 
-@dataclass
-class ModelResult:
-    """What one model's run produced."""
+def train_section(b: Bench, quick: bool) -> None:
+    """Section 4: one training step of the example's transformer vs an EMA step on its gradients."""
+    batch = 64 if quick else 512
+    torch.manual_seed(0)
+    model = transformer().to(b.device)
+    x = torch.randint(0, VOCAB, (batch, SEQ), device=b.device)
+    y = torch.randint(0, VOCAB, (batch,), device=b.device)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-    key: str
-    description: str
-    num_params: int
-    num_tensors: int
-    param_bytes: int
-    samples: dict[str, list[float]]
-    wall_samples: dict[str, list[float]]
-    cpu_samples: dict[str, list[float]]
-    clock: str
-    state_bytes: dict[str, int]
-    skipped_steps: int
+    def train_step() -> None:
+        adam.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x)[:, -1], y).backward()
+        adam.step()
 
-    def medians_ms(self, samples: Optional[dict[str, list[float]]] = None) -> dict[str, float]:
-        """Median milliseconds per variant (of ``samples``, by default those of the chosen clock)."""
-        return {k: 1e3 * statistics.median(s) for k, s in (samples or self.samples).items() if s}
-
-    def means_ms(self) -> dict[str, float]:
-        """Mean milliseconds per variant (includes MA's occasional exact re-summation of the window)."""
-        return {k: 1e3 * statistics.fmean(s) for k, s in self.samples.items() if s}
-
-    def ratios(self) -> dict[str, Optional[float]]:
-        """The :data:`RATIOS` of this model (``None`` where a variant was not run)."""
-        med = self.medians_ms()
-        return {label: (med[a] / med[b] if a in med and b in med else None) for label, a, b in RATIOS}
+    col = f"transformer, batch {batch}"
+    b.time("train", "training step", col, train_step)
+    ema = EMAFilter(model.named_parameters(), ALPHA, LAMB)
+    b.time("train", "EMA step", col, ema.step)
+    ema_s, train_s = (b.medians["train"][row][col] for row in ("EMA step", "training step"))
+    b.extra["train"]["EMA share of (training step + EMA)"][col] = ema_s / (ema_s + train_s)
 
 
-def gradient_reset(params: list[Tensor], pool: list[list[Tensor]]) -> Callable[[], None]:
-    """A function that copies the next set of ``pool`` into the ``.grad`` of ``params`` (called untimed).
-
-    Args:
-        params: The parameters.
-        pool: Sets of gradients, one tensor per parameter each, used in turn.
-
-    Returns:
-        The reset function.
-    """
-    turn = [0]
-
-    def reset() -> None:
-        src = pool[turn[0] % len(pool)]
-        turn[0] += 1
-        for p, g in zip(params, src):
-            if p.grad is None:
-                p.grad = g.clone()
-        torch._foreach_copy_([p.grad for p in params], src)
-
-    reset()
-    return reset
+def bf16_section(b: Bench, shapes: list[Shape]) -> None:
+    """Section 7: bfloat16 parameters and gradients, the EMA state in float32 or in bfloat16."""
+    for s in shapes:
+        for fp32 in (True, False):
+            ema = EMAFilter(s.fresh(), ALPHA, LAMB, fp32_state=fp32)
+            b.time("bf16", f"fp32_state={fp32}", s.name, ema.step)
+            for what, held in (
+                ("state_bytes", ema.state_bytes()),
+                ("expected_state_bytes", ema.expected_state_bytes()),
+            ):
+                b.extra["bf16"][f"{what} / param bytes, fp32_state={fp32}"][s.name] = held / s.param_bytes
 
 
-def run_model(key: str, args: argparse.Namespace, device: torch.device) -> ModelResult:
-    """Build one model, its variants, time them and measure their state.
-
-    Args:
-        key: One of :data:`MODELS`.
-        args: Parsed command line.
-        device: Where the model and gradients live.
-
-    Returns:
-        The timings and state sizes.
-    """
-    plan = PLANS[key]
-    torch.manual_seed(args.seed)
-    model, description = build_model(key, args.quick)
-    model.to(device)
-    named = list(model.named_parameters())
-    params = [p for _, p in named]
-    gen = torch.Generator().manual_seed(args.seed)
-    pool = [[(1e-3 * torch.randn(p.shape, generator=gen)).to(device) for p in params] for _ in range(2)]
-    # The authors' loops replace every `.grad` storage each step; they get their own copy of the model so
-    # that their allocations leave the memory layout of the gradients the other variants see alone.
-    authors_model = copy.deepcopy(model)
-    authors_params = list(authors_model.parameters())
-    reset = gradient_reset(params, pool)
-    authors_reset = gradient_reset(authors_params, pool)
-
-    def step_n(fn: Callable[[], object], n: int) -> None:
-        for _ in range(n):
-            reset()
-            fn()
-
-    slow = args.slow_repeats
-    variants: list[Variant] = []
-    filters: dict[str, EMAFilter | MAFilter] = {}
-    authors_state_bytes: dict[str, Callable[[], int]] = {}
-
-    if plan.ema:
-        ema = filters["ema"] = EMAFilter(named, alpha=ALPHA, lamb=EMA_LAMB)
-        ema_nocheck = filters["ema_nocheck"] = EMAFilter(named, alpha=ALPHA, lamb=EMA_LAMB, skip_nonfinite=False)
-        ema_loop = filters["ema_loop"] = EMAFilter(named, alpha=ALPHA, lamb=EMA_LAMB, foreach=False)
-        ema_stats = filters["ema_stats"] = EMAFilter(named, alpha=ALPHA, lamb=EMA_LAMB)
-        authors_ema_state: list[Optional[dict[str, Tensor]]] = [None]
-
-        def run_authors_ema() -> None:
-            authors_ema_state[0] = authors_ema(authors_model, authors_ema_state[0], ALPHA, EMA_LAMB)
-
-        authors_state_bytes["authors_ema"] = lambda: distinct_bytes(list((authors_ema_state[0] or {}).values()))
-        variants += [
-            Variant("ema", ema.step, reset),
-            Variant("ema_nocheck", ema_nocheck.step, reset),
-            Variant("ema_loop", ema_loop.step, reset),
-            Variant("ema_stats", lambda: ema_stats.step(compute_stats=True), reset),
-            Variant("authors_ema", run_authors_ema, authors_reset),
-        ]
-
-    for w in plan.ma_windows:
-        ma = filters[f"ma{w}"] = MAFilter(named, window_size=w, lamb=MA_LAMB)
-        step_n(ma.step, w)  # fill the window
-        variants.append(Variant(f"ma{w}", ma.step, reset))
-        if w == 10 and plan.ma_extras:
-            ma_loop = filters["ma10_loop"] = MAFilter(named, window_size=w, lamb=MA_LAMB, foreach=False)
-            ma_stats = filters["ma10_stats"] = MAFilter(named, window_size=w, lamb=MA_LAMB)
-            step_n(ma_loop.step, w)
-            step_n(ma_stats.step, w)
-            variants += [
-                Variant("ma10_loop", ma_loop.step, reset),
-                Variant("ma10_stats", partial(ma_stats.step, compute_stats=True), reset),
-            ]
-        # the authors' deques, full of distinct raw gradients, as after `w` steps with fresh .grad tensors
-        state: dict[str, deque[Tensor]] = {
-            n: deque((pool[i % 2][j].clone() for i in range(w)), maxlen=w) for j, (n, _) in enumerate(named)
-        }
-        holder = [state]
-
-        def run_authors_ma(holder: list[dict[str, deque[Tensor]]] = holder, w: int = w) -> None:
-            holder[0] = authors_ma(authors_model, holder[0], w, MA_LAMB)
-
-        def held_bytes(holder: list[dict[str, deque[Tensor]]] = holder) -> int:
-            return distinct_bytes([t for d in holder[0].values() for t in d])
-
-        authors_state_bytes[f"authors_ma{w}"] = held_bytes
-        variants.append(Variant(f"authors_ma{w}", run_authors_ma, authors_reset, max_repeats=slow))
-
-    floor_state = [torch.empty_like(p) for p in params]
-
-    def run_floor() -> None:
-        grads = [p.grad for p in params]
-        torch._foreach_copy_(floor_state, grads)
-        torch._foreach_copy_(grads, floor_state)
-
-    adamw = torch.optim.AdamW(params, foreach=True)
-    variants += [Variant("floor", run_floor, reset), Variant("adamw", adamw.step, reset)]
-
-    if plan.train:
-        inputs, targets = example_batch(args.batch, device, gen)
-        train_opt = torch.optim.AdamW(params, foreach=True)
-        train_ema_filter = filters["train_ema"] = EMAFilter(named, alpha=ALPHA, lamb=EMA_LAMB)
-
-        def train_step(grokfast: Optional[EMAFilter] = None) -> None:
-            train_opt.zero_grad(set_to_none=True)
-            example_loss(model, inputs, targets).backward()
-            if grokfast is not None:
-                grokfast.step()
-            train_opt.step()
-
-        variants += [Variant("train", train_step), Variant("train_ema", lambda: train_step(train_ema_filter))]
-
-    only = set(args.variants) if args.variants else None
-    if only is not None:
-        variants = [v for v in variants if v.key in only]
-    time_interleaved(variants, args.repeats, device, args.seed)
-    clock = resolve_clock(args.clock, device)
-
-    num_params = sum(p.numel() for p in params)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    timed = {v.key for v in variants}
-    state_bytes = {k: f.state_bytes() for k, f in filters.items() if k in ("ema", "ma10", "ma100") and k in timed}
-    state_bytes.update({k: probe() for k, probe in authors_state_bytes.items() if k in timed})
-    skipped = sum(f.skipped_steps for f in filters.values())
-    return ModelResult(
-        key=key,
-        description=description,
-        num_params=num_params,
-        num_tensors=len(params),
-        param_bytes=param_bytes,
-        samples={v.key: (v.cpu if clock == "cpu" else v.wall) for v in variants},
-        wall_samples={v.key: v.wall for v in variants},
-        cpu_samples={v.key: v.cpu for v in variants},
-        clock=clock,
-        state_bytes=state_bytes,
-        skipped_steps=skipped,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Peak RSS of short training runs (one subprocess per variant)
-# --------------------------------------------------------------------------------------------
-
-
-def _proc_status_bytes(field_name: str) -> Optional[int]:
-    """A ``kB`` field of ``/proc/self/status`` (Linux) in bytes, ``None`` where unavailable."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux >= 4.0); False where impossible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process: ``VmHWM`` where there is one, else ``ru_maxrss``.
-
-    ``ru_maxrss`` is not used on Linux: it survives ``exec`` and so starts at the parent's size.
-    """
-    hwm = _proc_status_bytes("VmHWM")
-    if hwm is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def current_rss_bytes() -> int:
-    """Current resident set size (``VmRSS``), or the peak where the current size is unavailable."""
-    rss = _proc_status_bytes("VmRSS")
-    return rss if rss is not None else peak_rss_bytes()
-
-
-def rss_worker(variant: str, steps: int, window: int, batch: int, device: torch.device, seed: int) -> dict[str, Any]:
-    """Train the example model for ``steps`` steps with one filter variant and report its peak memory.
-
-    Args:
-        variant: One of :data:`RSS_VARIANTS`.
-        steps: Training steps (more than ``window`` so that the MA windows fill).
-        window: MA window.
-        batch: Batch size.
-        device: Where to train.
-        seed: Seed of the model and the batches.
-
-    Returns:
-        Peak RSS before and after training, the filter state bytes, and the CUDA peak on CUDA.
-    """
-    torch.manual_seed(seed)
-    model = example_model().to(device)
-    named = list(model.named_parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
-    gen = torch.Generator().manual_seed(seed)
-    batches = [example_batch(batch, device, gen) for _ in range(4)]
-    ours: Optional[EMAFilter | MAFilter] = None
-    if variant == "ema":
-        ours = EMAFilter(named, alpha=ALPHA, lamb=EMA_LAMB)
-    elif variant == "ma":
-        ours = MAFilter(named, window_size=window, lamb=MA_LAMB)
-    ema_state: Optional[dict[str, Tensor]] = None
-    ma_state: Optional[dict[str, deque[Tensor]]] = None
-    gc.collect()
-    before = current_rss_bytes()
-    peak_was_reset = reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for i in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        example_loss(model, *batches[i % len(batches)]).backward()
-        if ours is not None:
-            ours.step()
-        elif variant == "authors_ema":
-            ema_state = authors_ema(model, ema_state, ALPHA, EMA_LAMB)
-        elif variant == "authors_ma":
-            ma_state = authors_ma(model, ma_state, window, MA_LAMB)
-        optimizer.step()
-    synchronize(device)
-    if ours is not None:
-        state = ours.state_bytes()
-    elif ema_state is not None:
-        state = distinct_bytes(list(ema_state.values()))
-    elif ma_state is not None:
-        state = distinct_bytes([t for d in ma_state.values() for t in d])
-    else:
-        state = 0
-    out: dict[str, Any] = {
-        "variant": variant,
-        "steps": steps,
-        "batch": batch,
-        "window": window,
-        "rss_before_training_bytes": before,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_is_training_only": peak_was_reset,
-        "state_bytes": state,
-        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-    }
-    if device.type == "cuda":
-        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
-    return out
-
-
-def measure_rss(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run :func:`rss_worker` in one subprocess per variant (concurrently with ``--quick``).
-
-    Args:
-        args: Parsed command line.
-
-    Returns:
-        One record per variant of ``--rss-variants``.
-    """
-    commands = [
-        [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--rss-worker",
-            variant,
-            "--rss-steps",
-            str(args.rss_steps),
-            "--rss-window",
-            str(args.rss_window),
-            "--batch",
-            str(args.batch),
-            "--device",
-            args.device,
-            "--seed",
-            str(args.seed),
-        ]
-        + (["--threads", str(args.threads)] if args.threads else [])
-        for variant in args.rss_variants
-    ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    results: list[dict[str, Any]] = []
-    if args.quick:  # concurrent: peak RSS is per process, and the smoke test stays fast
-        procs = [
-            subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in commands
-        ]
-        outputs = [(p.communicate(), p.returncode) for p in procs]
-    else:
-        outputs = []
-        for c in commands:
-            done = subprocess.run(c, capture_output=True, text=True, env=env, check=False)
-            outputs.append(((done.stdout, done.stderr), done.returncode))
-    for variant, ((stdout, stderr), code) in zip(args.rss_variants, outputs):
-        if code != 0:
-            raise RuntimeError(f"RSS worker {variant!r} failed ({code}):\n{stderr[-3000:]}")
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
-    return results
-
-
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from ``/proc/cpuinfo`` where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """Where the benchmark ran."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    if hasattr(os, "getloadavg"):
-        info["loadavg_at_start"] = list(os.getloadavg())
+def machine(args: argparse.Namespace) -> dict[str, Any]:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.machine())
+    info.update(cpu=cpu, threads=args.threads, device=args.device)
+    if torch.device(args.device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
-def fmt_ratio(x: Optional[float]) -> str:
-    """A ratio with three significant digits, ``-`` when missing."""
-    if x is None:
-        return "-"
-    return f"{x:.3g}"
-
-
-def fmt_ms(x: Optional[float]) -> str:
-    """Milliseconds, adaptive precision."""
-    if x is None:
-        return "-"
-    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def column_name(r: ModelResult) -> str:
-    """A model's column header."""
-    n = r.num_params
-    size = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
-    return f"{r.key} ({size}, {r.num_tensors} t.)"
-
-
-def evaluate_targets(results: dict[str, ModelResult]) -> list[dict[str, Any]]:
-    """The CPU targets of the benchmark, each with its measured value and whether it is met.
-
-    Args:
-        results: Per-model results.
-
-    Returns:
-        One record per (target, model): ``target``, ``model``, ``value``, ``threshold``, ``met``
-        (``None`` when not measured).
-    """
-
-    def ratio(model: str, a: str, b: str) -> Optional[float]:
-        r = results.get(model)
-        if r is None:
-            return None
-        med = r.medians_ms()
-        return med[a] / med[b] if a in med and b in med else None
-
-    checks: list[tuple[str, str, Optional[float], str, float]] = [
-        (
-            "EMA >= 3x faster than the authors' EMA loop",
-            "many-small",
-            ratio("many-small", "authors_ema", "ema"),
-            ">=",
-            3.0,
-        ),
-        ("EMA within 1.5x of the floor", "large", ratio("large", "ema", "floor"), "<=", 1.5),
-    ]
-    for m in MODELS:
-        if m in results and "ma100" in results[m].samples:
-            checks.append(("MA w100 within 1.3x of MA w10", m, ratio(m, "ma100", "ma10"), "<=", 1.3))
-    for m in MODELS:
-        if m in results and "ma100" in results[m].samples:
-            checks.append(
-                ("MA w100 >= 20x faster than the authors' MA w100", m, ratio(m, "authors_ma100", "ma100"), ">=", 20.0)
-            )
-    checks.append(("EMA < 3% of the example's training step", "example", ratio("example", "ema", "train"), "<=", 0.03))
-    out = []
-    for target, model, value, op, threshold in checks:
-        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
-        out.append({"target": target, "model": model, "value": value, "op": op, "threshold": threshold, "met": met})
-    return out
-
-
-def report(results: dict[str, ModelResult], targets: list[dict[str, Any]], rss: Optional[list[dict[str, Any]]]) -> str:
-    """The printed report: ratio table, targets, medians, state bytes, peak RSS."""
-    cols = [results[m] for m in MODELS if m in results]
-    ratio_rows = []
-    for label, _, _ in RATIOS:
-        values = [r.ratios()[label] for r in cols]
-        if any(v is not None for v in values):
-            ratio_rows.append([label, *(fmt_ratio(v) for v in values)])
-    clock = cols[0].clock if cols else "wall"
-    clock_text = "CPU time of each call" if clock == "cpu" else "wall clock"
-    parts = [f"## Ratios (medians of one interleaved run, {clock_text}; < 1 means the first is faster)", ""]
-    parts.append(markdown_table(["ratio", *(column_name(r) for r in cols)], ratio_rows))
-    notes = [PLANS[r.key].note for r in cols if PLANS[r.key].note]
-    parts += ["", *notes] if notes else []
-
-    parts += ["", "## Targets (CPU)", ""]
-    target_rows = []
-    for t in targets:
-        status = "not measured" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        shown = (
-            "-" if t["value"] is None else (f"{100 * t['value']:.2f}%" if t["threshold"] < 1 else fmt_ratio(t["value"]))
-        )
-        bound = f"{100 * t['threshold']:.0f}%" if t["threshold"] < 1 else f"{t['threshold']:g}"
-        target_rows.append([t["target"], t["model"], shown, f"{t['op']} {bound}", status])
-    parts.append(markdown_table(["target", "model", "measured", "needed", "status"], target_rows))
-
-    parts += ["", f"## Medians (ms per call, {clock_text}; samples in brackets)", ""]
-    keys = [k for k in VARIANT_LABELS if any(k in r.samples for r in cols)]
-    rows = []
-    for k in keys:
-        cells = []
-        for r in cols:
-            s = r.samples.get(k)
-            cells.append(f"{fmt_ms(1e3 * statistics.median(s))} [{len(s)}]" if s else "-")
-        rows.append([VARIANT_LABELS[k], *cells])
-    parts.append(markdown_table(["variant", *(column_name(r) for r in cols)], rows))
-
-    parts += ["", "## Filter state (bytes / parameter bytes)", ""]
-    state_rows = []
-    for k, label in (
-        ("ema", "EMA (ours)"),
-        ("authors_ema", "EMA (authors')"),
-        ("ma10", "MA w10 (ours)"),
-        ("authors_ma10", "MA w10 (authors')"),
-        ("ma100", "MA w100 (ours)"),
-        ("authors_ma100", "MA w100 (authors')"),
-    ):
-        if any(k in r.state_bytes for r in cols):
-            state_rows.append(
-                [label, *(fmt_ratio(r.state_bytes[k] / r.param_bytes) if k in r.state_bytes else "-" for r in cols)]
-            )
-    parts.append(markdown_table(["filter", *(column_name(r) for r in cols)], state_rows))
-    parts.append("parameter MB: " + ", ".join(f"{r.key} {r.param_bytes / 2**20:.1f}" for r in cols))
-
-    if rss:
-        parts += ["", "## Peak RSS while training the example model (one subprocess per variant)", ""]
-        base = next((x for x in rss if x["variant"] == "none"), None)
-        rows = []
-        for x in rss:
-            delta = None if base is None else (x["peak_rss_bytes"] - base["peak_rss_bytes"]) / 2**20
-            row = [
-                RSS_LABELS.get(x["variant"], x["variant"]),
-                f"{x['rss_before_training_bytes'] / 2**20:.0f}",
-                f"{x['peak_rss_bytes'] / 2**20:.0f}",
-                "-" if delta is None else f"{delta:+.1f}",
-                f"{x['state_bytes'] / 2**20:.1f}",
-            ]
-            if "cuda_peak_bytes" in x:
-                row.append(f"{x['cuda_peak_bytes'] / 2**20:.0f}")
-            rows.append(row)
-        header = ["variant", "RSS before MB", "peak RSS MB", "peak vs none MB", "filter state MB"]
-        if "cuda_peak_bytes" in rss[0]:
-            header.append("CUDA peak MB")
-        parts.append(markdown_table(header, rows))
-        scope = "the training loop only" if all(x["peak_is_training_only"] for x in rss) else "the whole process"
-        parts.append(
-            f"{rss[0]['steps']} training steps, batch {rss[0]['batch']}, MA window {rss[0]['window']}; peak over "
-            f"{scope}; parameters {rss[0]['param_bytes'] / 2**20:.2f} MB"
-        )
-    return "\n".join(parts)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line (``--quick`` changes the defaults of repeats and RSS steps)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to run")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 50; --quick 3)")
-    parser.add_argument(
-        "--slow-repeats", type=int, default=None, help="cap for the authors' MA loops (default 12; --quick 2)"
-    )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; --quick: 1)"
-    )
-    parser.add_argument(
-        "--clock",
-        choices=("auto", "cpu", "wall"),
-        default="auto",
-        help="what the tables use: CPU time of the calls or wall clock (auto: cpu on CPU with --threads 1)",
-    )
-    parser.add_argument("--batch", type=int, default=None, help="batch of the training steps (default 512; --quick 64)")
-    parser.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
-    parser.add_argument("--quick", action="store_true", help="small models and few repeats (a smoke test)")
-    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
-    parser.add_argument("--rss-steps", type=int, default=None, help="training steps per RSS run (default 120)")
-    parser.add_argument("--rss-window", type=int, default=None, help="MA window of the RSS runs (default 100)")
-    parser.add_argument(
-        "--rss-variants", nargs="+", choices=RSS_VARIANTS, default=list(RSS_VARIANTS), help="peak-RSS runs to make"
-    )
-    parser.add_argument("--variants", nargs="+", default=None, help="time only these variant keys")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rss-worker", choices=RSS_VARIANTS, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick and args.threads is None:
-        args.threads = 1  # several threads on a busy shared machine can be many times slower
-    defaults = {
-        "repeats": (50, 3),
-        "slow_repeats": (12, 2),
-        "batch": (512, 64),
-        "rss_steps": (120, 12),
-        "rss_window": (100, 10),
-    }
-    for name, (full, quick) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    if args.repeats < 1 or args.slow_repeats < 1:
-        parser.error("--repeats and --slow-repeats must be positive")
-    return args
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Run the benchmark, print the report and optionally write the JSON.
-
-    Args:
-        argv: Command line (default ``sys.argv[1:]``).
-
-    Returns:
-        Everything written to the JSON file.
-    """
-    args = parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="small models and short timings (a smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", type=Path, default=None, help="write the medians and ratios here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every timer (default 1)")
+    parser.add_argument("--min-run-time", type=float, default=None, help="seconds per case (default 3, --quick 0.02)")
+    args = parser.parse_args(argv)
+    args.min_run_time = args.min_run_time or (0.02 if args.quick else 3.0)
     threads_before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     try:
-        return _run(args)
-    finally:  # leave an in-process caller (the smoke test) as it was
-        torch.set_num_threads(threads_before)
-
-
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    """The body of :func:`main`, with the threads set."""
-    device = torch.device(args.device)
-    if args.rss_worker is not None:
-        record = rss_worker(args.rss_worker, args.rss_steps, args.rss_window, args.batch, device, args.seed)
-        print(json.dumps(record))
-        return record
-
-    machine = machine_info(device)
-    started = time.perf_counter()
-    results: dict[str, ModelResult] = {}
-    for key in MODELS:
-        if key not in args.models:
-            continue
-        t0 = time.perf_counter()
-        results[key] = run_model(key, args, device)
-        print(f"[{key}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+        b, info = Bench(args), machine(args)
+        print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+        shapes = build_shapes(args.quick, b.device)
+        print("models: " + "; ".join(f"{s.name} {sum(p.numel() for p in s.params):,} parameters" for s in shapes))
+        for s in shapes:
+            sections_per_shape(b, s)
+            print(f"[{s.name} done]", file=sys.stderr, flush=True)
+        train_section(b, args.quick)
+        del shapes
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    rss = None if args.no_rss else measure_rss(args)
-    targets = evaluate_targets(results)
-    text = report(results, targets, rss)
-    if hasattr(os, "getloadavg"):
-        machine["loadavg_at_end"] = list(os.getloadavg())
-    print(text)
-    skipped = sum(r.skipped_steps for r in results.values())
-    if skipped:
-        print(f"WARNING: the filters skipped {skipped} steps for inf/NaN gradients; the timings are invalid.")
-    settings = {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("rss_worker", "json")
-    }
-    settings.update(
-        {"alpha": ALPHA, "ema_lamb": EMA_LAMB, "ma_lamb": MA_LAMB, "wall_s": round(time.perf_counter() - started, 1)}
-    )
-    data: dict[str, Any] = {
-        "settings": settings,
-        "machine": machine,
-        "models": {
-            key: {
-                "description": r.description,
-                "num_params": r.num_params,
-                "num_tensors": r.num_tensors,
-                "param_bytes": r.param_bytes,
-                "clock": r.clock,
-                "medians_ms": r.medians_ms(),
-                "means_ms": r.means_ms(),
-                "medians_wall_ms": r.medians_ms(r.wall_samples),
-                "medians_cpu_ms": r.medians_ms(r.cpu_samples),
-                "num_samples": {k: len(s) for k, s in r.samples.items()},
-                "ratios": r.ratios(),
-                "state_bytes": r.state_bytes,
-                "state_over_param_bytes": {k: b / r.param_bytes for k, b in r.state_bytes.items()},
-                "skipped_steps": r.skipped_steps,
-                "note": PLANS[key].note,
-            }
-            for key, r in results.items()
+        bf16_section(b, build_shapes(args.quick, b.device, torch.bfloat16))
+        for section in TITLES:
+            b.report(section)
+        if b.skipped:
+            print(f"WARNING: {b.skipped} steps were skipped for inf/NaN gradients: their timings are invalid.")
+        if b.cuda_peak:
+            print("\n== CUDA: torch.cuda.max_memory_allocated during each case (MiB) ==")
+            for section, rows in b.cuda_peak.items():
+                print_table(section, {r: {c: v / 2**20 for c, v in cols.items()} for r, cols in rows.items()})
+    finally:
+        torch.set_num_threads(threads_before)
+    data = {
+        "machine": info,
+        "settings": {"quick": args.quick, "min_run_time": args.min_run_time, "alpha": ALPHA, "lamb": LAMB},
+        "not_installed": sorted(b.not_installed),
+        "sections": {
+            k: {"title": t, "medians_s": b.medians.get(k, {}), "ratios": b.ratios(k)} for k, t in TITLES.items()
         },
-        "targets": targets,
-        "peak_rss": rss,
-        "report": text,
+        "cuda_peak_bytes": b.cuda_peak,
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.json:
         args.json.write_text(json.dumps(data, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        print(f"\nwrote {args.json}")
     return data
 
 

@@ -1,406 +1,335 @@
-"""Generic test helpers: a naive Grokfast reference, a tiny model and gradient recorders.
+"""The one test scaffold: naive filter references, a gradient recorder, a tiny model, a Trainer factory, equality.
 
-Everything here is deliberately simple and independent of ``lightning_grokfast``:
-
-* :class:`NaiveEMA` and :class:`NaiveMA` restate the two filters of arXiv 2405.20233 as a plain
-  per-parameter Python loop in float64 (no ``foreach``, no in-place tricks), so that the package
-  can be checked against them.
-* :class:`TinyModule` is a small LightningModule on generated data with parameters of several
-  shapes, a parameter that only gets a gradient from a given batch index on, and a frozen one.
-* :class:`GradRecorder` clones every parameter's ``.grad`` in ``on_before_optimizer_step``;
-  placed before / after the Grokfast callback it sees the raw / the filtered gradients.
+Nothing here imports ``lightning_grokfast``: the references restate arXiv 2405.20233 one parameter at a time in
+float64, so the package is checked against something written independently of it.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-GradDict = dict[str, Tensor | None]
-"""One optimizer step's gradients: parameter name -> gradient (``None`` when it has none)."""
+Grads = dict[str, Tensor | None]
+"""One optimizer step's gradients: parameter name -> gradient (``None`` where it has none)."""
+
+# --------------------------------------------------------------------------------------------- references
 
 
 class NaiveEMA:
-    """Naive reference of the Grokfast EMA filter (the paper's Algorithm 2), in float64.
+    """The EMA filter (the paper's Algorithm 2): per parameter, at its first gradient ``mu = g``; then every step
+    ``mu = alpha * mu + (1 - alpha) * g`` and ``g_hat = g + lamb * mu``. The state comes from raw gradients only.
 
-    Per parameter: the first time it has a gradient ``mu = g``; then at every step that it has a
-    gradient ``mu = alpha * mu + (1 - alpha) * g`` and ``g_hat = g + lamb * mu``. Parameters
-    without a gradient at a step are skipped and keep their state.
-
-    Args:
-        alpha: EMA momentum.
-        lamb: Amplification of the slow component.
-        feedback: Build a deliberately *wrong* variant whose state is taken from the filtered
-            gradient (``mu = alpha * mu_prev + (1 - alpha) * g_hat``) instead of the raw one.
-            Used only to show that the tests can tell the two apart.
+    ``feedback=True`` builds a deliberately wrong variant that feeds ``g_hat`` back into ``mu``: the tests use it
+    to show that they can tell the two apart.
     """
 
     def __init__(self, alpha: float, lamb: float, feedback: bool = False) -> None:
-        self.alpha = alpha
-        self.lamb = lamb
-        self.feedback = feedback
+        self.alpha, self.lamb, self.feedback = alpha, lamb, feedback
         self.mu: dict[str, Tensor] = {}
 
-    def step(self, grads: Mapping[str, Tensor | None]) -> GradDict:
-        """Filter one step's gradients; returns the filtered gradients in float64."""
-        out: GradDict = {}
+    def step(self, grads: Mapping[str, Tensor | None]) -> Grads:
+        out: Grads = {}
         for name, grad in grads.items():
             if grad is None:
                 out[name] = None
                 continue
-            g = grad.detach().to(torch.float64).clone()
-            first = name not in self.mu
-            prev = g.clone() if first else self.mu[name]
-            mu = self.alpha * prev + (1.0 - self.alpha) * g
-            g_hat = g + self.lamb * mu
-            if self.feedback:
-                mu = g_hat.clone() if first else self.alpha * prev + (1.0 - self.alpha) * g_hat
-            self.mu[name] = mu
-            out[name] = g_hat
+            g = grad.detach().double().clone()
+            prev = self.mu.get(name, g)
+            out[name] = g + self.lamb * (self.alpha * prev + (1 - self.alpha) * g)
+            fed = out[name] if self.feedback else g  # what the state is built from
+            self.mu[name] = self.alpha * self.mu.get(name, fed) + (1 - self.alpha) * fed
         return out
 
 
 class NaiveMA:
-    """Naive reference of the Grokfast MA filter (the paper's Algorithm 1), in float64.
-
-    Per parameter a list of the last ``window_size`` raw gradients, the current one included.
-    With ``warmup`` the gradient is left untouched until the list is full; afterwards (or from
-    the first step without warm-up) ``g_hat = g + lamb * mean(list)`` (the mean divides by the
-    current length) or ``g + lamb * sum(list)`` for ``reduction="sum"``. Parameters without a
-    gradient at a step are skipped and keep their history.
-
-    Args:
-        window_size: Number of gradients kept per parameter.
-        lamb: Amplification of the slow component.
-        warmup: Leave gradients untouched until the window is full.
-        reduction: ``"mean"`` or ``"sum"`` of the window.
-        feedback: Build a deliberately *wrong* variant whose history stores the filtered
-            gradient of each step instead of the raw one.
+    """The MA filter (the paper's Algorithm 1): per parameter the last ``window_size`` raw gradients, the current
+    one included. With ``warmup`` ``g`` is left untouched until the window is full; then
+    ``g_hat = g + lamb * mean(window)`` (``reduction="sum"``: the sum). Without warm-up the mean is over what has
+    been seen so far. ``feedback=True``: the wrong variant whose window stores ``g_hat`` instead of ``g``.
     """
 
     def __init__(
-        self,
-        window_size: int,
-        lamb: float,
-        warmup: bool = True,
-        reduction: str = "mean",
-        feedback: bool = False,
+        self, window_size: int, lamb: float, warmup: bool = True, reduction: str = "mean", feedback: bool = False
     ) -> None:
-        self.window_size = window_size
-        self.lamb = lamb
-        self.warmup = warmup
-        self.reduction = reduction
-        self.feedback = feedback
-        self.history: dict[str, list[Tensor]] = {}
+        self.size, self.lamb, self.warmup, self.reduction, self.feedback = (
+            window_size,
+            lamb,
+            warmup,
+            reduction,
+            feedback,
+        )
+        self.window: dict[str, list[Tensor]] = {}
 
-    def step(self, grads: Mapping[str, Tensor | None]) -> GradDict:
-        """Filter one step's gradients; returns the filtered gradients in float64."""
-        out: GradDict = {}
+    def step(self, grads: Mapping[str, Tensor | None]) -> Grads:
+        out: Grads = {}
         for name, grad in grads.items():
             if grad is None:
                 out[name] = None
                 continue
-            g = grad.detach().to(torch.float64).clone()
-            window = self.history.setdefault(name, [])
+            g = grad.detach().double().clone()
+            window = self.window.setdefault(name, [])
             window.append(g.clone())
-            if len(window) > self.window_size:
-                window.pop(0)
-            if self.warmup and len(window) < self.window_size:
+            del window[: -self.size]
+            if self.warmup and len(window) < self.size:
                 out[name] = g
                 continue
-            total = torch.zeros_like(g)
-            for old in window:
-                total = total + old
-            slow = total / len(window) if self.reduction == "mean" else total
-            g_hat = g + self.lamb * slow
+            total = sum(window, torch.zeros_like(g))
+            out[name] = g + self.lamb * (total / len(window) if self.reduction == "mean" else total)
             if self.feedback:
-                window[-1] = g_hat.clone()
-            out[name] = g_hat
+                window[-1] = out[name].clone()
         return out
 
 
-def rel_err(actual: Tensor, expected: Tensor, scale: Tensor | None = None) -> float:
-    """Return ``max|actual - expected| / max(scale)`` in float64 (``scale`` defaults to ``|expected|``).
-
-    Passing the operand magnitudes from :func:`magnitude_reference` as ``scale`` measures the error
-    against the size of what was summed, the natural yardstick of float rounding: ``g + lamb * slow``
-    can cancel to a result much smaller than its terms, and a plain relative error then measures
-    the cancellation, not the implementation.
-    """
-    a = actual.detach().to(torch.float64)
-    b = expected.detach().to(torch.float64)
-    if not b.numel():
-        return 0.0
-    s = b.abs() if scale is None else scale.detach().to(torch.float64).abs()
-    return (a - b).abs().max().item() / max(s.max().item(), 1e-30)
+def reference(kind: str, feedback: bool = False, **kwargs: Any) -> NaiveEMA | NaiveMA:
+    """A fresh reference for ``kind`` ("ema" or "ma") from filter or callback keyword arguments (others ignored)."""
+    if kind == "ema":
+        return NaiveEMA(kwargs["alpha"], kwargs["lamb"], feedback)
+    names = ("window_size", "lamb", "warmup", "reduction")
+    return NaiveMA(**{k: v for k, v in kwargs.items() if k in names}, feedback=feedback)
 
 
-def assert_grads_match(
-    actual: list[GradDict],
-    expected: list[GradDict],
-    rtol: float = 1e-6,
-    what: str = "",
-    scale: list[GradDict] | None = None,
-) -> None:
-    """Assert two per-step gradient sequences agree: same ``None`` pattern, :func:`rel_err` < rtol.
-
-    Args:
-        actual: Gradients produced by the code under test, one dict per optimizer step.
-        expected: Reference gradients, same layout.
-        rtol: Largest allowed :func:`rel_err` per tensor.
-        what: Label for the failure message.
-        scale: Optional per-step operand magnitudes (see :func:`magnitude_reference`).
-    """
-    assert len(actual) == len(expected), f"{what}: {len(actual)} steps vs {len(expected)}"
-    for step, (act, exp) in enumerate(zip(actual, expected, strict=True)):
-        assert act.keys() == exp.keys(), f"{what} step {step}: names differ"
-        for name in exp:
-            a, b = act[name], exp[name]
-            if b is None:
-                assert a is None, f"{what} step {step} {name}: expected no gradient, got one"
-                continue
-            assert a is not None, f"{what} step {step} {name}: gradient missing"
-            assert a.shape == b.shape, f"{what} step {step} {name}: shape {a.shape} vs {b.shape}"
-            s = None if scale is None else scale[step][name]
-            err = rel_err(a, b, s)
-            assert err < rtol, f"{what} step {step} {name}: relative error {err:.3e} >= {rtol:.0e}"
-
-
-def max_rel_err(actual: list[GradDict], expected: list[GradDict]) -> float:
-    """Largest :func:`rel_err` over all steps and tensors that both sequences hold."""
-    worst = 0.0
-    for act, exp in zip(actual, expected, strict=True):
-        for name, b in exp.items():
-            a = act.get(name)
-            if a is not None and b is not None:
-                worst = max(worst, rel_err(a, b))
-    return worst
-
-
-def snapshot_grads(named_params: Iterable[tuple[str, nn.Parameter]]) -> GradDict:
-    """Clone every parameter's ``.grad`` (``None`` stays ``None``)."""
-    return {name: (p.grad.detach().clone() if p.grad is not None else None) for name, p in named_params}
-
-
-def run_reference(ref: NaiveEMA | NaiveMA, raw: list[GradDict]) -> list[GradDict]:
-    """Feed a recorded raw-gradient sequence through a naive reference."""
+def replay(ref: NaiveEMA | NaiveMA, raw: Iterable[Mapping[str, Tensor | None]]) -> list[Grads]:
+    """Feed a recorded raw-gradient sequence through a reference, one step at a time."""
     return [ref.step(step) for step in raw]
 
 
-def magnitude_reference(ref: NaiveEMA | NaiveMA, raw: list[GradDict]) -> list[GradDict]:
-    """Operand magnitudes of the filter: a fresh reference run on ``|g|``.
+def magnitudes(kind: str, raw: Iterable[Mapping[str, Tensor | None]], **kwargs: Any) -> list[Grads]:
+    """The filter's operand sizes ``|g| + lamb * slow(|g|)``: a fresh reference run on ``|g|``.
 
-    Elementwise this is ``|g| + lamb * slow(|g|)``, which bounds the size of every term the filter
-    adds up, so float rounding errors are a small multiple of ``eps`` times it.
+    Float rounding errors are a small multiple of eps times this, whereas ``g + lamb * slow`` itself can cancel.
     """
-    return run_reference(ref, [{n: (g.abs() if g is not None else None) for n, g in s.items()} for s in raw])
+    return replay(reference(kind, **kwargs), [{n: None if g is None else g.abs() for n, g in s.items()} for s in raw])
 
 
-def _is_package_object(obj: Any) -> bool:
-    return type(obj).__module__.startswith("lightning_grokfast")
+# --------------------------------------------------------------------------------------------- equality
 
 
-def collect_tensors(obj: Any, _seen: set[int] | None = None) -> list[Tensor]:
-    """Every tensor reachable from ``obj`` (excluding ``nn.Parameter``s).
+def assert_state_equal(
+    actual: Any, expected: Any, rtol: float = 0.0, atol: float = 0.0, path: str = "", **kwargs: Any
+) -> None:
+    """``torch.testing.assert_close`` over nested dicts / lists / tensors / numbers, exact (and of the same dtype)
+    by default; strings and ``None`` compared with ``==``; ``kwargs`` go to ``assert_close`` (``check_dtype=False``
+    compares in the common dtype, ``equal_nan=True`` takes NaN for equal to NaN)."""
+    if isinstance(actual, Mapping) and isinstance(expected, Mapping):
+        assert actual.keys() == expected.keys(), f"{path}: keys differ: {sorted(actual)} vs {sorted(expected)}"
+        for key in expected:
+            assert_state_equal(actual[key], expected[key], rtol, atol, f"{path}[{key!r}]", **kwargs)
+    elif isinstance(actual, (list, tuple)) and isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), f"{path}: lengths differ: {len(actual)} vs {len(expected)}"
+        for i, (a, b) in enumerate(zip(actual, expected)):
+            assert_state_equal(a, b, rtol, atol, f"{path}[{i}]", **kwargs)
+    elif isinstance(actual, (str, bytes, type(None))) or isinstance(expected, (str, bytes, type(None))):
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+    else:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{path}: {m}", **kwargs)
 
-    Walks dicts, lists, tuples, sets and deques, and the attributes of objects whose class is
-    defined in ``lightning_grokfast`` (so a filter's or the callback's private state is found
-    without knowing its layout); it does not descend into modules, optimizers or trainers.
-    """
-    seen = set() if _seen is None else _seen
-    if id(obj) in seen:
+
+def assert_grads_close(actual: list[Grads], raw: list[Grads], kind: str, rtol: float = 1e-6, **kwargs: Any) -> None:
+    """``actual`` is the reference ``kind(**kwargs)`` replayed on ``raw``: same steps, names, ``None`` pattern,
+    shapes and dtypes (the raw one), and per tensor ``max|a - b| <= rtol * max(|g| + lamb * slow(|g|))``."""
+    expected, scale = replay(reference(kind, **kwargs), raw), magnitudes(kind, raw, **kwargs)
+    assert len(actual) == len(expected), f"{len(actual)} steps vs {len(expected)}"
+    for step, (act, exp, mag, g) in enumerate(zip(actual, expected, scale, raw)):
+        assert act.keys() == exp.keys(), f"step {step}: names differ"
+        for name, b in exp.items():
+            a = act[name]
+            assert (a is None) == (b is None), f"step {step} {name}: gradient presence differs"
+            if a is not None and b is not None:
+                assert a.shape == b.shape and a.dtype == g[name].dtype, f"step {step} {name}: {a.shape}, {a.dtype}"
+                tol = rtol * max(mag[name].abs().max().item(), 1e-30) if b.numel() else 0.0
+                assert_state_equal(a, b, 0.0, tol, f"step {step} {name}", check_dtype=False)
+
+
+def max_rel_diff(a: list[Grads], b: list[Grads]) -> float:
+    """Largest ``max|x - y| / max|y|`` over the steps and tensors both sequences hold."""
+    pairs = [(s[n], t[n]) for s, t in zip(a, b) for n in t if s[n] is not None and t[n] is not None]
+    return max((x.double() - y.double()).abs().max().item() / max(y.abs().max().item(), 1e-30) for x, y in pairs)
+
+
+def state_tensors(obj: Any, seen: set[int] | None = None) -> list[Tensor]:
+    """Every tensor (``nn.Parameter``s aside) reachable from ``obj`` through dicts, lists, tuples and the attributes
+    of ``lightning_grokfast`` objects: the state of a transform or a callback, whatever its layout."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, nn.Parameter):
         return []
     seen.add(id(obj))
-    if isinstance(obj, nn.Parameter):
-        return []
     if isinstance(obj, Tensor):
         return [obj]
-    found: list[Tensor] = []
     if isinstance(obj, Mapping):
-        for value in obj.values():
-            found += collect_tensors(value, seen)
-    elif isinstance(obj, (list, tuple, set, frozenset)) or type(obj).__name__ == "deque":
-        for value in obj:
-            found += collect_tensors(value, seen)
-    elif _is_package_object(obj):
-        attrs = dict(getattr(obj, "__dict__", {}))
-        for slot in getattr(type(obj), "__slots__", ()):
-            if hasattr(obj, slot):
-                attrs[slot] = getattr(obj, slot)
-        for value in attrs.values():
-            found += collect_tensors(value, seen)
-    return found
+        return [t for v in obj.values() for t in state_tensors(v, seen)]
+    if isinstance(obj, (list, tuple, set)):
+        return [t for v in obj for t in state_tensors(v, seen)]
+    if type(obj).__module__.startswith("lightning_grokfast"):
+        attrs = {**getattr(obj, "__dict__", {}), **{s: getattr(obj, s, None) for s in getattr(obj, "__slots__", ())}}
+        return state_tensors(attrs, seen)
+    return []
 
 
-def storage_ptr(t: Tensor) -> int:
-    """Address of a tensor's underlying storage (0 for empty storages)."""
-    return t.untyped_storage().data_ptr()
+def assert_no_alias(owner: Any, params: Iterable[Tensor]) -> None:
+    """No tensor held by ``owner`` (a transform or a callback) shares storage with a parameter's ``.grad``."""
+    grads = {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None} - {0}
+    held = state_tensors(owner)
+    assert held, "found no state tensors to check"
+    assert not [t.shape for t in held if t.untyped_storage().data_ptr() in grads], "state shares storage with .grad"
 
 
-def assert_state_not_aliasing_grads(owner: Any, params: Iterable[nn.Parameter]) -> None:
-    """Assert no tensor held by ``owner`` shares storage with any parameter's ``.grad``."""
-    grad_ptrs = {storage_ptr(p.grad) for p in params if p.grad is not None}
-    grad_ptrs.discard(0)
-    state = collect_tensors(owner)
-    assert state, "found no state tensors to check"
-    shared = [tuple(t.shape) for t in state if storage_ptr(t) in grad_ptrs]
-    assert not shared, f"filter state shares storage with .grad (shapes {shared})"
+# --------------------------------------------------------------------------------------------- Lightning side
 
 
-def tensors_equal(a: Any, b: Any) -> bool:
-    """Exact, recursive equality of nested dicts / lists / tensors / numbers."""
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return (
-            isinstance(a, Tensor)
-            and isinstance(b, Tensor)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and torch.equal(a, b)
-        )
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
+def snapshot(named_params: Iterable[tuple[str, Tensor]]) -> Grads:
+    """Clone every parameter's ``.grad`` (``None`` stays ``None``)."""
+    return {n: None if p.grad is None else p.grad.detach().clone() for n, p in named_params}
 
 
-# --------------------------------------------------------------------------- Lightning side
+class GradRecorder(L.Callback):
+    """At every call of ``hook`` (default ``on_before_optimizer_step``), clone every parameter's ``.grad`` into
+    :attr:`steps`, with the parameter values, global step, epoch, optimizer, GradScaler scale and, given
+    ``of`` (a transform callback), a deep copy of its transform's state dict, in parallel lists.
 
-
-def make_loader(num_samples: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
-    """A deterministic, unshuffled regression loader: 4 inputs, 1 target."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_samples, 4, generator=gen)
-    y = torch.sin(x @ torch.tensor([[1.0], [-2.0], [0.5], [1.5]])) + 0.1 * x[:, :1] ** 2
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-class TinyModule(L.LightningModule):
-    """A tiny MLP with parameters of several shapes, a late-starting and a frozen parameter.
-
-    Parameters: ``fc1`` (6x4 weight, 6 bias), ``fc2`` (1x6 weight, 1 bias), ``scale`` (0-d),
-    ``late`` (6,) used only when ``batch_idx >= late_from`` (so it first gets a gradient at
-    that batch and, with ``set_to_none=True``, has none on the earlier batches of later
-    epochs), and ``frozen`` (6,) with ``requires_grad=False``. The gradients right after
-    ``backward()`` are recorded in :attr:`produced`.
-
-    Args:
-        late_from: First batch index that uses ``late``; ``None`` uses it on every batch.
-        set_to_none: Argument passed to ``optimizer.zero_grad``.
-        lr: Adam learning rate.
-        seed: Seed of the initial weights.
+    Callbacks run in list order: placed before a transform callback it sees the raw gradients and the state before
+    the step, after it the transformed ones and the state after. ``on_train_batch_end`` sees what the optimizer
+    used (after clipping). ``check_alias`` asserts at every call that ``of`` shares no storage with a ``.grad``.
     """
 
-    def __init__(self, late_from: int | None = 3, set_to_none: bool = True, lr: float = 1e-2, seed: int = 0) -> None:
+    def __init__(self, of: Any = None, hook: str = "on_before_optimizer_step", check_alias: bool = False) -> None:
+        self.of, self.check_alias = of, check_alias
+        self.steps: list[Grads] = []
+        self.params: list[dict[str, Tensor]] = []
+        self.states: list[Any] = []
+        self.global_steps: list[int] = []
+        self.epochs: list[int] = []
+        self.optimizers: list[int | None] = []
+        self.scales: list[float | None] = []
+        setattr(self, hook, self._record)
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.steps.append(snapshot(pl_module.named_parameters()))
+        self.params.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+        transform = None if self.of is None else self.of.transform
+        self.states.append(None if transform is None else copy.deepcopy(transform.state_dict()))
+        self.global_steps.append(trainer.global_step)
+        self.epochs.append(trainer.current_epoch)
+        opt = args[0] if args and isinstance(args[0], torch.optim.Optimizer) else None
+        self.optimizers.append(next((i for i, o in enumerate(trainer.optimizers) if o is opt), None))
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.scales.append(None if scaler is None else float(scaler.get_scale()))
+        if self.check_alias:
+            assert_no_alias(self.of, pl_module.parameters())
+
+
+def regression_data(samples: int = 64, features: int = 4, outputs: int = 1, seed: int = 0) -> TensorDataset:
+    """A deterministic regression data set."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, features, generator=gen)
+    w = torch.linspace(-2.0, 1.5, features * outputs).reshape(features, outputs)
+    return TensorDataset(x, torch.sin(x @ w) + 0.1 * x[:, :1] ** 2)
+
+
+class TinyModel(BoringModel):
+    """Lightning's ``BoringModel`` as a tiny MLP on deterministic regression data (unshuffled), SGD with momentum.
+
+    Parameters: ``net.0`` (hidden x features, hidden), ``net.2`` (outputs x hidden, outputs), ``scale`` (0-d),
+    ``late`` (hidden,), used only from batch index ``late_from`` on (``None``: always), and ``frozen`` (hidden,)
+    with ``requires_grad=False``. ``set_to_none`` goes to ``zero_grad``; :attr:`zeroed_to_none` records, after
+    each ``zero_grad``, whether every gradient was ``None``.
+    """
+
+    def __init__(
+        self,
+        hidden: int = 6,
+        features: int = 4,
+        outputs: int = 1,
+        late_from: int | None = None,
+        set_to_none: bool = True,
+        lr: float = 0.01,
+        batch_size: int = 8,
+        samples: int = 64,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
+        del self.layer
         torch.manual_seed(seed)
-        self.fc1 = nn.Linear(4, 6)
-        self.fc2 = nn.Linear(6, 1)
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, outputs))
         self.scale = nn.Parameter(torch.tensor(1.0))
-        self.late = nn.Parameter(0.1 * torch.randn(6))
-        self.frozen = nn.Parameter(0.1 * torch.randn(6), requires_grad=False)
-        self.late_from = late_from
-        self.set_to_none = set_to_none
-        self.lr = lr
-        self.produced: list[GradDict] = []
-        self.zeroed_to_none: list[bool] = []  # after each zero_grad: were all grads None?
+        self.late = nn.Parameter(0.1 * torch.randn(hidden))
+        self.frozen = nn.Parameter(0.1 * torch.randn(hidden), requires_grad=False)
+        self.late_from, self.set_to_none, self.lr, self.batch_size = late_from, set_to_none, lr, batch_size
+        self.data = regression_data(samples, features, outputs, seed)
+        self.zeroed_to_none: list[bool] = []
 
     def forward(self, x: Tensor, use_late: bool = True) -> Tensor:
-        h = torch.tanh(self.fc1(x) + self.frozen)
-        if use_late:
-            h = h * (1.0 + self.late)
-        return self.scale * self.fc2(h)
+        h = self.net[1](self.net[0](x) + self.frozen)
+        return self.scale * self.net[2](h * (1.0 + self.late) if use_late else h)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
-        use_late = self.late_from is None or batch_idx >= self.late_from
-        return nn.functional.mse_loss(self(x, use_late), y)
+        return nn.functional.mse_loss(self(x, self.late_from is None or batch_idx >= self.late_from), y)
 
-    def on_after_backward(self) -> None:
-        self.produced.append(snapshot_grads(self.named_parameters()))
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self.training_step(batch, batch_idx))
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=self.set_to_none)
         self.zeroed_to_none.append(all(p.grad is None for p in self.parameters()))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=False)
+
+    val_dataloader = train_dataloader
 
 
-class GradRecorder(L.Callback):
-    """Clones every parameter's gradient in ``on_before_optimizer_step``.
-
-    Callbacks run in list order, so a recorder placed before the Grokfast callback sees the raw
-    gradients and one placed after it sees the filtered ones.
-
-    Args:
-        check_alias_of: Optional object (e.g. the Grokfast callback) whose state tensors must not
-            share storage with any ``.grad``; checked at every step.
-    """
-
-    def __init__(self, check_alias_of: Any = None) -> None:
-        self.steps: list[GradDict] = []
-        self.check_alias_of = check_alias_of
-
-    def on_before_optimizer_step(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        self.steps.append(snapshot_grads(pl_module.named_parameters()))
-        if self.check_alias_of is not None:
-            assert_state_not_aliasing_grads(self.check_alias_of, pl_module.parameters())
-
-
-@dataclass
-class TrainRun:
-    """What :func:`train_with` recorded."""
-
-    module: TinyModule
-    trainer: L.Trainer
-    raw: list[GradDict] = field(default_factory=list)
-    filtered: list[GradDict] = field(default_factory=list)
-
-
-def train_with(
-    grokfast: L.Callback,
-    max_steps: int = 30,
-    late_from: int | None = 3,
-    set_to_none: bool = True,
-    check_alias: bool = True,
-    seed: int = 0,
-    logger: Logger | bool = False,
-) -> TrainRun:
-    """Fit :class:`TinyModule` on CPU with ``[raw recorder, grokfast, filtered recorder]``.
-
-    Args:
-        grokfast: The callback under test.
-        max_steps: Number of optimizer steps (8 batches an epoch).
-        late_from: See :class:`TinyModule`.
-        set_to_none: See :class:`TinyModule`.
-        check_alias: Check at every step that ``grokfast``'s tensors share no storage with grads.
-        seed: Seed of the weights.
-        logger: Trainer logger (``False``: none; the callback then computes no diagnostics).
-    """
-    L.seed_everything(seed, verbose=False)
-    module = TinyModule(late_from=late_from, set_to_none=set_to_none, seed=seed)
-    before = GradRecorder()
-    after = GradRecorder(check_alias_of=grokfast if check_alias else None)
-    trainer = L.Trainer(
+def make_trainer(
+    root: Any = None, callbacks: Iterable[L.Callback] = (), max_steps: int = 8, **kwargs: Any
+) -> L.Trainer:
+    """A quiet single-process CPU Trainer: no logger, checkpointing, progress bar, summary or validation."""
+    options: dict[str, Any] = dict(
+        default_root_dir=root,
         accelerator="cpu",
         devices=1,
         max_steps=max_steps,
-        logger=logger,
+        logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
         log_every_n_steps=1,
-        callbacks=[before, grokfast, after],
     )
-    trainer.fit(module, train_dataloaders=make_loader())
-    return TrainRun(module=module, raw=before.steps, filtered=after.steps, trainer=trainer)
+    return L.Trainer(callbacks=list(callbacks), **{**options, **kwargs})
+
+
+class Run(NamedTuple):
+    """What :func:`fit` returns."""
+
+    raw: GradRecorder
+    filtered: GradRecorder
+    trainer: L.Trainer
+    model: L.LightningModule
+
+
+def fit(
+    transform: L.Callback | None = None,
+    model: L.LightningModule | None = None,
+    max_steps: int = 8,
+    check_alias: bool = False,
+    **kwargs: Any,
+) -> Run:
+    """Seed, then fit ``model`` (default ``TinyModel()``) with ``[raw recorder, transform, filtered recorder]``
+    (extra ``callbacks`` after them); ``kwargs`` go to :func:`make_trainer`."""
+    L.seed_everything(0, verbose=False)
+    model = TinyModel() if model is None else model
+    raw, filtered = GradRecorder(transform), GradRecorder(transform, check_alias=check_alias)
+    chain = [raw, *([transform] if transform is not None else []), filtered, *kwargs.pop("callbacks", [])]
+    ckpt_path = kwargs.pop("ckpt_path", None)
+    make_trainer(callbacks=chain, max_steps=max_steps, **kwargs).fit(model, ckpt_path=ckpt_path)
+    return Run(raw, filtered, model.trainer, model)

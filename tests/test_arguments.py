@@ -30,7 +30,8 @@ BAD_CALLBACK_ARGS = [
     ("reduction", "median", r"`reduction` must be one of 'mean', 'sum', got 'median'"),
     ("log_diagnostics", 1, r"`log_diagnostics` must be True or False, got 1"),
     ("skip_nonfinite", None, r"`skip_nonfinite` must be True or False, got None"),
-    ("foreach", "auto", r"`foreach` must be True, False or None, got 'auto'"),
+    ("fp32_state", "no", r"`fp32_state` must be True or False, got 'no'"),
+    ("foreach", "auto", r"`foreach` must be True or False, got 'auto'"),
 ]
 
 
@@ -65,51 +66,49 @@ def test_callback_accepts_the_edges_of_each_range() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("cls", "kwargs", "message"),
     [
-        ({"alpha": 1.5}, r"`alpha`"),
-        ({"lamb": -2.0}, r"`lamb`"),
-        ({"skip_nonfinite": "no"}, r"`skip_nonfinite`"),
-        ({"foreach": 0}, r"`foreach`"),
+        (EMAFilter, {"alpha": 1.5}, r"`alpha`"),
+        (EMAFilter, {"lamb": -2.0}, r"`lamb`"),
+        (EMAFilter, {"skip_nonfinite": "no"}, r"`skip_nonfinite`"),
+        (EMAFilter, {"foreach": 0}, r"`foreach`"),
+        (MAFilter, {"window_size": 0}, r"`window_size`"),
+        (MAFilter, {"lamb": math.inf}, r"`lamb`"),
+        (MAFilter, {"warmup": None}, r"`warmup`"),
+        (MAFilter, {"reduction": "max"}, r"`reduction`"),
     ],
 )
-def test_ema_filter_rejects_bad_argument(kwargs: dict[str, Any], message: str) -> None:
+def test_filter_rejects_bad_argument(cls: type, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        EMAFilter([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+        cls([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+P = torch.nn.Parameter(torch.zeros(2))
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("params", "message"),
     [
-        ({"window_size": 0}, r"`window_size`"),
-        ({"lamb": math.inf}, r"`lamb`"),
-        ({"warmup": None}, r"`warmup`"),
-        ({"reduction": "max"}, r"`reduction`"),
+        ([], "`params` is empty"),
+        ([P, ("b", torch.nn.Parameter(torch.zeros(1)))], "not a mix"),
+        ([("a", P), ("a", torch.nn.Parameter(torch.zeros(1)))], "names 'a' twice"),
+        ([("a", 3.0)], "must hold tensors"),
     ],
+    ids=["empty", "mix", "twice", "not-a-tensor"],
 )
-def test_ma_filter_rejects_bad_argument(kwargs: dict[str, Any], message: str) -> None:
+def test_filter_rejects_bad_params(params: list[Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        MAFilter([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+        EMAFilter(params)
 
 
-def test_filter_rejects_bad_params() -> None:
-    p = torch.nn.Parameter(torch.zeros(2))
-    with pytest.raises(ValueError, match="`params` is empty"):
-        EMAFilter([])
-    with pytest.raises(ValueError, match="not a mix"):
-        EMAFilter([p, ("b", torch.nn.Parameter(torch.zeros(1)))])  # type: ignore[list-item]
-    with pytest.raises(ValueError, match="names 'a' twice"):
-        EMAFilter([("a", p), ("a", torch.nn.Parameter(torch.zeros(1)))])
-    with pytest.raises(ValueError, match="must hold tensors"):
-        EMAFilter([("a", 3.0)])  # type: ignore[list-item]
-
-
-def test_step_rejects_unregistered_and_sparse() -> None:
-    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
-    f = EMAFilter([("p", p)])
+def test_step_rejects_an_unregistered_parameter() -> None:
+    f, q = EMAFilter([("p", P)]), torch.nn.Parameter(torch.zeros(3))
     q.grad = torch.ones(3)
     with pytest.raises(ValueError, match=r"shape \(3,\).*not registered"):
         f.step([q])
+
+
+def test_step_rejects_a_sparse_gradient() -> None:
     emb = torch.nn.Embedding(5, 2, sparse=True)
     g = EMAFilter(emb.named_parameters())
     emb(torch.tensor([1, 2])).sum().backward()
