@@ -1,11 +1,10 @@
 """Per-step cost of the Grokfast filters and OrthoGrad, measured with ``torch.utils.benchmark``.
 
-Each case is a ``Timer`` (``--threads`` torch threads, default 1; on CPU it reads the thread's CPU time, so that
-other jobs on the machine do not inflate a case) run by ``blocked_autorange``; ``Compare`` prints
-the tables and each section ends with ratios of medians of this one run (``A / B``: below 1, A is faster); on a
-shared machine compare ratios within a run, not times across runs. Sections: 1. ours vs the authors' loops
-(restated below from their description); 2. vs the memory floor; 3. vs AdamW; 4. share of the example's training
-step; 5. MA window independence; 6. ``compute_stats``; 7. bfloat16 with and without the float32 state;
+Each case is a ``Timer`` (``--threads`` torch threads, default 1; on CPU it reads the thread's CPU time, so other
+jobs on the machine do not inflate a case) run by ``blocked_autorange``; ``Compare`` prints the tables, each
+followed by ratios of medians of this one run (``A / B``: below 1, A is faster). Sections: 1. ours vs the authors'
+loops (restated below from their description); 2. vs the memory floor; 3. vs AdamW; 4. share of the example's
+training step; 5. MA window independence; 6. ``compute_stats``; 7. bfloat16 with and without the float32 state;
 8. OrthoGrad and fused GrokFastAdamW vs peers (optional packages: "not installed" when absent); then the state
 bytes per parameter byte and, on CUDA, ``torch.cuda.max_memory_allocated`` during each case.
 
@@ -17,13 +16,13 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/overhead.py [--quick] [--json PATH] [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import json
 import platform
 import sys
 import time
-import timeit
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -147,10 +146,9 @@ def build_shapes(quick: bool, device: torch.device, dtype: torch.dtype = torch.f
 
 
 def optional(module: str, attr: str) -> Optional[Any]:
-    try:
+    with contextlib.suppress(ImportError):
         return getattr(importlib.import_module(module), attr)
-    except ImportError:
-        return None
+    return None
 
 
 class Bench:
@@ -172,8 +170,7 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         spec = {"label": TITLES[section], "sub_label": row, "description": col, "num_threads": self.args.threads}
-        # on CPU the calling thread's CPU time: what a case costs, without the waits for a core on a shared machine
-        clock = time.thread_time if self.device.type == "cpu" else timeit.default_timer
+        clock = time.thread_time if self.device.type == "cpu" else time.perf_counter  # CPU: no waits for a core
         timer = benchmark.Timer("fn()", globals={"fn": fn}, timer=clock, **spec)
         m = timer.blocked_autorange(min_run_time=self.args.min_run_time)
         self.measurements[section].append(m)
@@ -320,10 +317,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print("models: " + "; ".join(f"{s.name} {sum(p.numel() for p in s.params):,} parameters" for s in shapes))
         for s in shapes:
             sections_per_shape(b, s)
-            print(f"[{s.name} done]", file=sys.stderr, flush=True)
         train_section(b, args.quick)
-        del shapes
-        gc.collect()
+        del shapes  # before the bfloat16 copies are built
         bf16_section(b, build_shapes(args.quick, b.device, torch.bfloat16))
         for section in TITLES:
             b.report(section)
