@@ -30,13 +30,11 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser
-from modular_arithmetic import GrokkingCLI, GrokkingReport
+from modular_arithmetic import ClassificationTask, GrokkingCLI, GrokkingReport
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_grokfast  # noqa: F401  (registers GrokfastCallback and OrthoGradCallback for the CLI)
 
@@ -158,7 +156,7 @@ def make_mlp(width: int, depth: int, init_scale: float) -> nn.Sequential:
     return net
 
 
-class DigitsModel(LightningModule):
+class DigitsModel(ClassificationTask):
     """An MLP trained on the digits with AdamW and an MSE loss on the one-hot target.
 
     Args:
@@ -182,7 +180,7 @@ class DigitsModel(LightningModule):
         beta1: float = 0.9,
         beta2: float = 0.999,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes=NUM_CLASSES)
         if width < 1:
             raise ValueError(f"width must be positive, got {width}")
         if depth < 1:
@@ -198,9 +196,6 @@ class DigitsModel(LightningModule):
                 raise ValueError(f"{name} must be in [0, 1), got {beta}")
         self.save_hyperparameters()
         self.model = make_mlp(width, depth, init_scale)
-        self.train_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
-        self.val_loss = MeanMetric()
 
     def forward(self, inputs: Tensor) -> Tensor:
         """The 10 outputs (one per class) of a batch of flattened images.
@@ -225,38 +220,6 @@ class DigitsModel(LightningModule):
             The scalar loss.
         """
         return F.mse_loss(outputs, F.one_hot(targets, NUM_CLASSES).to(outputs.dtype))
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """One training step.
-
-        Args:
-            batch: ``(inputs, targets)``.
-            batch_idx: Index of the batch in the epoch.
-
-        Returns:
-            The loss.
-        """
-        inputs, targets = batch
-        outputs = self(inputs)
-        loss = self.loss(outputs, targets)
-        self.train_acc(outputs, targets)
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train_acc", self.train_acc, on_step=True, on_epoch=False, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Accumulate validation loss and accuracy.
-
-        Args:
-            batch: ``(inputs, targets)``.
-            batch_idx: Index of the batch.
-        """
-        inputs, targets = batch
-        outputs = self(inputs)
-        self.val_loss.update(self.loss(outputs, targets), weight=len(targets))
-        self.val_acc.update(outputs, targets)
-        self.log("val_loss", self.val_loss, on_step=False, on_epoch=True)
-        self.log("val_acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         """AdamW (decoupled weight decay) with a constant learning rate."""

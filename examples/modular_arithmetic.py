@@ -260,7 +260,57 @@ class Transformer(nn.Module):
         return self.head(self.ln_final(x))
 
 
-class ModularArithmeticModel(LightningModule):
+class ClassificationTask(LightningModule):
+    """Training and validation steps shared by the examples: a loss, and accuracy over classes.
+
+    Args:
+        num_classes: Number of classes of the accuracy metrics.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_loss = MeanMetric()
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy of the outputs (logits) against the targets."""
+        return F.cross_entropy(outputs, targets)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """One training step.
+
+        Args:
+            batch: ``(inputs, targets)``.
+            batch_idx: Index of the batch in the epoch.
+
+        Returns:
+            The loss.
+        """
+        inputs, targets = batch
+        outputs = self(inputs)
+        loss = self.loss(outputs, targets)
+        self.train_acc(outputs, targets)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train_acc", self.train_acc, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Accumulate validation loss and accuracy.
+
+        Args:
+            batch: ``(inputs, targets)``.
+            batch_idx: Index of the batch.
+        """
+        inputs, targets = batch
+        outputs = self(inputs)
+        self.val_loss.update(self.loss(outputs, targets), weight=len(targets))
+        self.val_acc.update(outputs, targets)
+        self.log("val_loss", self.val_loss, on_step=False, on_epoch=True)
+        self.log("val_acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+
+class ModularArithmeticModel(ClassificationTask):
     """A transformer trained on ``x * y mod p`` with Adam, coupled weight decay and lr warm-up.
 
     Loss and accuracy are computed on the last position (the token after ``=``) only.
@@ -290,7 +340,7 @@ class ModularArithmeticModel(LightningModule):
         beta2: float = 0.98,
         warmup_steps: int = 10,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes=p + 2)
         if lr <= 0.0:
             raise ValueError(f"lr must be positive, got {lr}")
         if weight_decay < 0.0:
@@ -299,9 +349,6 @@ class ModularArithmeticModel(LightningModule):
             raise ValueError(f"warmup_steps must be non-negative, got {warmup_steps}")
         self.save_hyperparameters()
         self.model = Transformer(p + 2, width, layers, heads, max_len=4)
-        self.train_acc = MulticlassAccuracy(num_classes=p + 2, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=p + 2, average="micro")
-        self.val_loss = MeanMetric()
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits of the answer (the last position).
@@ -313,38 +360,6 @@ class ModularArithmeticModel(LightningModule):
             Logits of shape ``(batch, p + 2)``.
         """
         return self.model(tokens)[:, -1, :]
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """One training step.
-
-        Args:
-            batch: ``(inputs, targets)``.
-            batch_idx: Index of the batch in the epoch.
-
-        Returns:
-            The loss.
-        """
-        inputs, targets = batch
-        logits = self(inputs)
-        loss = F.cross_entropy(logits, targets)
-        self.train_acc(logits, targets)
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train_acc", self.train_acc, on_step=True, on_epoch=False, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Accumulate validation loss and accuracy.
-
-        Args:
-            batch: ``(inputs, targets)``.
-            batch_idx: Index of the batch.
-        """
-        inputs, targets = batch
-        logits = self(inputs)
-        self.val_loss.update(F.cross_entropy(logits, targets), weight=len(targets))
-        self.val_acc.update(logits, targets)
-        self.log("val_loss", self.val_loss, on_step=False, on_epoch=True)
-        self.log("val_acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         """Adam with coupled weight decay and a linear warm-up, stepped every optimizer update."""
