@@ -132,7 +132,7 @@ class _TransformCallback(Callback):
         if first is not self:
             return  # the first transform callback listed runs every one, in their one order
         logging = _logs_this_step(trainer)
-        for cb in self._chain if self in self._chain else [self]:
+        for cb in self._chain:
             cb._step(trainer, pl_module, optimizer, logging)
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, logging: bool) -> None:
