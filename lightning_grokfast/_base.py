@@ -25,6 +25,9 @@ def canonical_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
+_NO_STATE: dict[str, Any] = {}  # an entry's state until it is attached; never written
+
+
 class Entry:
     """One parameter taking part in a step: its name, the parameter, its gradient and its state."""
 
@@ -142,6 +145,7 @@ class GradientTransform:
 
     kind: str = ""
     _wants_norms = False  # whether _apply needs the raw per-tensor norms on every step
+    _stateful = True  # whether it keeps per-parameter state
 
     def __init__(self, params: Params, *, skip_nonfinite: bool = True, foreach: Optional[bool] = None) -> None:
         self.skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
@@ -149,6 +153,7 @@ class GradientTransform:
         self.state: dict[str, dict[str, Any]] = {}
         self.skipped_steps = 0
         self._memory_checked = False
+        self._restored = False  # state loaded since the last step: check where every tensor lives
         self._params: dict[str, Tensor] = {}
         self._names: dict[int, str] = {}
         self.set_parameters(params)
@@ -272,6 +277,10 @@ class GradientTransform:
             if self.skip_nonfinite and not finite:
                 self._on_nonfinite(next((e.name for e in entries if not bool(torch.isfinite(e.grad).all())), None))
                 return self._stats(applied=False, skipped_nonfinite=True)
+            if self._stateful:
+                for group in groups:
+                    self._attach_state(group)
+                self._restored = False
             return self._apply(groups, foreach, raw_norms, compute_stats)
 
     def _entries(self, params: Optional[Iterable[Tensor]]) -> list[Entry]:
@@ -294,21 +303,25 @@ class GradientTransform:
                 continue
             if g.is_sparse:
                 raise ValueError(f"Parameter {name!r} has a sparse gradient; {type(self).__name__} needs dense ones.")
-            entries.append(Entry(name, p, g, self._state_for(name, g)))
+            entries.append(Entry(name, p, g, _NO_STATE))
         return entries
 
-    def _state_for(self, name: str, grad: Tensor) -> dict[str, Any]:
-        """The state of ``name``, created at its first gradient, or moved to the gradient's device and the state
-        dtype after a load or a move of the model."""
-        state = self.state.get(name)
-        if state is None:
-            state = self.state[name] = self._init_state(grad)
-            return state
-        dtype = self.state_dtype(grad.dtype)
-        for key, value in state.items():
-            if isinstance(value, Tensor) and (value.device != grad.device or value.dtype != dtype):
-                state[key] = value.to(device=grad.device, dtype=dtype)
-        return state
+    def _attach_state(self, group: list[Entry]) -> None:
+        """Give each entry of one (device, dtype) group its state: created at the parameter's first gradient, or
+        moved to the gradient's device and the state dtype after a load, or when the first one shows the model
+        was moved."""
+        grad = group[0].grad
+        device, dtype = grad.device, self.state_dtype(grad.dtype)
+        check = self._restored
+        for i, e in enumerate(group):
+            state = self.state.get(e.name)
+            if state is None:
+                state = self.state[e.name] = self._init_state(e.grad)
+            elif check or i == 0:
+                for key, value in state.items():
+                    if isinstance(value, Tensor) and (value.device != device or value.dtype != dtype):
+                        state[key], check = value.to(device=device, dtype=dtype), True
+            e.state = state
 
     def state_dtype(self, grad_dtype: torch.dtype) -> torch.dtype:
         """The dtype of the state kept for gradients of ``grad_dtype``."""
@@ -399,6 +412,7 @@ class GradientTransform:
             for name, entry in loaded.items()
         }
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._restored = True
 
     def _check_loaded_hparams(self, hparams: dict[str, Any]) -> None:
         """Refuse state that this configuration cannot continue from."""

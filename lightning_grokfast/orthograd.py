@@ -125,6 +125,7 @@ class OrthoGrad(GradientTransform):
 
     kind = "orthograd"
     _wants_norms = True
+    _stateful = False
 
     def __init__(
         self,
@@ -149,9 +150,6 @@ class OrthoGrad(GradientTransform):
 
     def _entries(self, params: Any) -> list[Entry]:
         return [e for e in super()._entries(params) if id(e.param) in self._applies]
-
-    def _state_for(self, name: str, grad: Tensor) -> dict[str, Any]:
-        return {}
 
     def _stats(self, applied: bool, skipped_nonfinite: bool = False) -> OrthoGradStats:
         return OrthoGradStats(applied=applied, skipped_nonfinite=skipped_nonfinite)
