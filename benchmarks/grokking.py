@@ -48,6 +48,7 @@ def _cb(class_path: str, **init_args: Any) -> dict[str, Any]:
 class Task:
     """One grokking task: its example, base config, threshold, budget and methods."""
 
+    title: str
     script: str
     config: str
     threshold: float
@@ -57,6 +58,7 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "modmul": Task(
+        title="x*y mod 97, 2-layer transformer, Adam",
         script="examples/modular_arithmetic.py",
         config="examples/configs/baseline.yaml",
         threshold=0.95,
@@ -71,6 +73,7 @@ TASKS: dict[str, Task] = {
         },
     ),
     "digits": Task(
+        title="scikit-learn digits, 8x-scaled MLP, MSE, AdamW",
         script="examples/digits.py",
         config="examples/configs/digits/baseline.yaml",
         threshold=0.9,
@@ -218,7 +221,8 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines: list[str] = []
     for task, methods in table.items():
         wds = sorted({float(wd) for by_wd in methods.values() for wd in by_wd})
-        lines += [f"### {task}: steps to {TASKS[task].threshold:g} validation accuracy (median, range over seeds)", ""]
+        lines += [f"### {task} ({TASKS[task].title}): steps to {TASKS[task].threshold:g} validation accuracy", ""]
+        lines += ["Median (range) over seeds; `>`: the run hit its step budget.", ""]
         lines.append("| method | " + " | ".join(f"wd {wd:g}" for wd in wds) + " |")
         lines.append("| --- |" + " --- |" * len(wds))
         for method, by_wd in methods.items():
@@ -261,7 +265,7 @@ def plot(task: str, methods: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("weight decay")
     ax.set_ylabel(f"steps to {TASKS[task].threshold:g} val acc (median, range)")
-    ax.set_title(f"{task}: steps to generalize against weight decay", fontsize=10)
+    ax.set_title(f"{TASKS[task].title}: steps to generalize against weight decay", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
