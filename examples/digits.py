@@ -30,11 +30,9 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser
-from modular_arithmetic import ClassificationTask, GrokkingCLI, GrokkingReport
+from modular_arithmetic import ClassificationTask, GrokkingCLI, GrokkingReport, HeldOutData
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 import lightning_grokfast  # noqa: F401  (registers GrokfastCallback and OrthoGradCallback for the CLI)
 
@@ -66,7 +64,7 @@ def load_digit_tensors() -> tuple[Tensor, Tensor]:
     return inputs, targets
 
 
-class DigitsData(LightningDataModule):
+class DigitsData(HeldOutData):
     """The 1,797 digits, split into a training set and a held-out set by a seeded permutation.
 
     Args:
@@ -84,46 +82,18 @@ class DigitsData(LightningDataModule):
         val_batch_size: Optional[int] = None,
         data_seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, val_batch_size, data_seed)
         if not 1 <= n_train < NUM_IMAGES:
             raise ValueError(f"n_train must be in [1, {NUM_IMAGES}), got {n_train}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if val_batch_size is not None and val_batch_size < 1:
-            raise ValueError(f"val_batch_size must be positive or None, got {val_batch_size}")
         self.n_train = n_train
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size
-        self.data_seed = data_seed
-        self.train_set: Optional[TensorDataset] = None
-        self.val_set: Optional[TensorDataset] = None
 
-    def setup(self, stage: str) -> None:
-        """Load the images and split them with the seeded permutation.
+    def load(self) -> tuple[Tensor, Tensor]:
+        """The bundled digits (see :func:`load_digit_tensors`)."""
+        return load_digit_tensors()
 
-        Args:
-            stage: The Lightning stage (``fit``, ``validate``, ...).
-        """
-        inputs, targets = load_digit_tensors()
-        generator = torch.Generator().manual_seed(self.data_seed)
-        perm = torch.randperm(len(targets), generator=generator)
-        train_idx, val_idx = perm[: self.n_train], perm[self.n_train :]
-        self.train_set = TensorDataset(inputs[train_idx], targets[train_idx])
-        self.val_set = TensorDataset(inputs[val_idx], targets[val_idx])
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (uses the global torch RNG, seeded by ``seed_everything``)."""
-        assert self.train_set is not None
-        # the sampler yields a list of indices, the data set returns that batch already collated
-        sampler = BatchSampler(RandomSampler(self.train_set), self.batch_size, drop_last=False)
-        return DataLoader(self.train_set, sampler=sampler, batch_size=None)
-
-    def val_dataloader(self) -> DataLoader:
-        """The held-out images, in order, as one batch unless ``val_batch_size`` is set."""
-        assert self.val_set is not None
-        size = self.val_batch_size or len(self.val_set)
-        sampler = BatchSampler(SequentialSampler(self.val_set), size, drop_last=False)
-        return DataLoader(self.val_set, sampler=sampler, batch_size=None)
+    def train_size(self, n: int) -> int:
+        """``n_train``."""
+        return self.n_train
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,22 +212,8 @@ class DigitsCLI(GrokkingCLI):
 
 
 def main(args: ArgsType = None, run: bool = True) -> DigitsCLI:
-    """Run the CLI.
-
-    Args:
-        args: Command-line arguments (``None`` reads ``sys.argv``).
-        run: Whether to run the subcommand (``False``: only parse and instantiate).
-
-    Returns:
-        The CLI object (its ``trainer``, ``model`` and ``datamodule`` are set).
-    """
-    return DigitsCLI(
-        DigitsModel,
-        DigitsData,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-    )
+    """Run the CLI; the arguments and the result as in ``modular_arithmetic.main``."""
+    return DigitsCLI(DigitsModel, DigitsData, args=args, run=run, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

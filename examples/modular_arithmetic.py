@@ -33,7 +33,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -70,22 +70,68 @@ def make_equations(p: int) -> tuple[Tensor, Tensor]:
     return inputs, targets
 
 
-class _BatchDataset(Dataset):
-    """A data set indexed by a list of indices at a time (one collated batch per index list)."""
+class HeldOutData(LightningDataModule):
+    """A data set split by a seeded permutation into a training and a held-out set, served a batch at a time.
 
-    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
-        self.inputs = inputs
-        self.targets = targets
+    A subclass gives the whole data set (:meth:`load`) and the size of the training set (:meth:`train_size`).
 
-    def __len__(self) -> int:
-        return len(self.targets)
+    Args:
+        batch_size: Training batch size (the training set is reshuffled every epoch).
+        val_batch_size: Validation batch size; ``None`` validates on the whole held-out set at once.
+        data_seed: Seed of the random permutation that splits the data (independent of ``seed_everything``,
+            so runs with different seeds can share one split).
+    """
 
-    def __getitem__(self, index: list[int]) -> tuple[Tensor, Tensor]:
-        idx = torch.as_tensor(index, dtype=torch.long)
-        return self.inputs[idx], self.targets[idx]
+    def __init__(self, batch_size: int, val_batch_size: Optional[int], data_seed: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"val_batch_size must be positive or None, got {val_batch_size}")
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.data_seed = data_seed
+        self.train_set: Optional[TensorDataset] = None
+        self.val_set: Optional[TensorDataset] = None
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        """The whole data set: ``(inputs, targets)``."""
+        raise NotImplementedError
+
+    def train_size(self, n: int) -> int:
+        """How many of the ``n`` examples are for training."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        """Load the data and split it with the seeded permutation.
+
+        Args:
+            stage: The Lightning stage (``fit``, ``validate``, ...).
+        """
+        inputs, targets = self.load()
+        generator = torch.Generator().manual_seed(self.data_seed)
+        perm = torch.randperm(len(targets), generator=generator)
+        n_train = self.train_size(len(targets))
+        train_idx, val_idx = perm[:n_train], perm[n_train:]
+        self.train_set = TensorDataset(inputs[train_idx], targets[train_idx])
+        self.val_set = TensorDataset(inputs[val_idx], targets[val_idx])
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (uses the global torch RNG, seeded by ``seed_everything``)."""
+        assert self.train_set is not None
+        # the sampler yields a list of indices; the data set returns that batch already collated
+        sampler = BatchSampler(RandomSampler(self.train_set), self.batch_size, drop_last=False)
+        return DataLoader(self.train_set, sampler=sampler, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        """The held-out set, in order, as one batch unless ``val_batch_size`` is set."""
+        assert self.val_set is not None
+        size = self.val_batch_size or len(self.val_set)
+        sampler = BatchSampler(SequentialSampler(self.val_set), size, drop_last=False)
+        return DataLoader(self.val_set, sampler=sampler, batch_size=None)
 
 
-class ModularArithmeticData(LightningDataModule):
+class ModularArithmeticData(HeldOutData):
     """All equations ``x * y mod p``, split into a training and a held-out half.
 
     Args:
@@ -105,47 +151,21 @@ class ModularArithmeticData(LightningDataModule):
         val_batch_size: Optional[int] = None,
         data_seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, val_batch_size, data_seed)
         if p < 2:
             raise ValueError(f"p must be at least 2, got {p}")
         if not 0.0 < train_fraction < 1.0:
             raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.p = p
         self.train_fraction = train_fraction
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size
-        self.data_seed = data_seed
-        self.train_set: Optional[_BatchDataset] = None
-        self.val_set: Optional[_BatchDataset] = None
 
-    def setup(self, stage: str) -> None:
-        """Build the equations and split them with the seeded permutation.
+    def load(self) -> tuple[Tensor, Tensor]:
+        """All equations (see :func:`make_equations`)."""
+        return make_equations(self.p)
 
-        Args:
-            stage: The Lightning stage (``fit``, ``validate``, ...).
-        """
-        inputs, targets = make_equations(self.p)
-        generator = torch.Generator().manual_seed(self.data_seed)
-        perm = torch.randperm(len(targets), generator=generator)
-        n_train = round(self.train_fraction * len(targets))
-        train_idx, val_idx = perm[:n_train], perm[n_train:]
-        self.train_set = _BatchDataset(inputs[train_idx], targets[train_idx])
-        self.val_set = _BatchDataset(inputs[val_idx], targets[val_idx])
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (uses the global torch RNG, seeded by ``seed_everything``)."""
-        assert self.train_set is not None
-        sampler = BatchSampler(RandomSampler(self.train_set), self.batch_size, drop_last=False)
-        return DataLoader(self.train_set, sampler=sampler, batch_size=None)
-
-    def val_dataloader(self) -> DataLoader:
-        """The held-out half, in order, as one batch unless ``val_batch_size`` is set."""
-        assert self.val_set is not None
-        size = self.val_batch_size or len(self.val_set)
-        sampler = BatchSampler(SequentialSampler(self.val_set), size, drop_last=False)
-        return DataLoader(self.val_set, sampler=sampler, batch_size=None)
+    def train_size(self, n: int) -> int:
+        """``train_fraction`` of the ``n`` equations, rounded."""
+        return round(self.train_fraction * n)
 
 
 # --------------------------------------------------------------------------------------------

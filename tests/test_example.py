@@ -52,7 +52,7 @@ def test_split_is_half_and_depends_on_data_seed_only() -> None:
     def split(seed: int) -> tuple[set[tuple[int, ...]], set[tuple[int, ...]]]:
         dm = example.ModularArithmeticData(p=97, data_seed=seed)
         dm.setup("fit")
-        return {tuple(r) for r in dm.train_set.inputs.tolist()}, {tuple(r) for r in dm.val_set.inputs.tolist()}
+        return {tuple(r) for r in dm.train_set.tensors[0].tolist()}, {tuple(r) for r in dm.val_set.tensors[0].tolist()}
 
     train, val = split(0)
     assert len(train) == len(val) == 4656 and not train & val
