@@ -237,7 +237,7 @@ def test_every_config_instantiates(digits: ModuleType, config: Path, tmp_path: P
     cli = digits.main(["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False)
     hp = cli.model.hparams
     assert (hp.width, hp.depth, hp.init_scale, hp.lr) == (200, 3, 8.0, 1e-3)
-    assert hp.weight_decay == data["model"]["weight_decay"] == (0.01 if config.stem == "baseline" else 2.0)
+    assert hp.weight_decay == data["model"]["weight_decay"] == (0.01 if config.stem == "baseline" else 4.0)
     assert (cli.datamodule.n_train, cli.datamodule.batch_size, cli.datamodule.data_seed) == (1000, 200, 0)
     assert cli.trainer.max_steps == 20000 and cli.trainer.num_sanity_val_steps == 0
     assert cli.config["seed_everything"] == 0
