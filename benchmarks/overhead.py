@@ -31,9 +31,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import increment_version
 from torch.utils import benchmark
 
 from lightning_grokfast import EMAFilter, MAFilter, OrthoGrad
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the examples, as a script sees them
+from modular_arithmetic import Transformer
 
 ALPHA, LAMB = 0.98, 1e-6  # see the module docstring for the small lamb
 VOCAB, SEQ = 99, 4  # the example: x * y mod 97, vocabulary p + 2, context 4
@@ -132,8 +136,7 @@ class Shape:
 
 def transformer() -> nn.Module:
     """The example's transformer (width 128, 2 layers, 4 heads, context 4; 423k parameters)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    return importlib.import_module("modular_arithmetic").Transformer(VOCAB, 128, 2, 4, max_len=SEQ)
+    return Transformer(VOCAB, 128, 2, 4, max_len=SEQ)
 
 
 def build_shapes(quick: bool, device: torch.device, dtype: torch.dtype = torch.float32) -> list[Shape]:
@@ -161,7 +164,8 @@ class Bench:
         self.extra: Table = defaultdict(lambda: defaultdict(dict))  # rows of the ratio tables that are no time ratios
         self.cuda_peak: Table = defaultdict(lambda: defaultdict(dict))
         self.not_installed: set[str] = set()
-        self.skipped = 0  # steps our transforms skipped for inf/NaN gradients (their timings would be invalid)
+        self.skipped = 0  # steps our transforms skipped (inf/NaN or repeated gradients): their timings would be invalid
+        self.params: list[Tensor] = []  # the parameters whose gradients the cases being timed use
 
     def time(self, section: str, row: str, col: str, fn: Optional[Callable[[], object]]) -> None:
         if fn is None:  # a peer that is not installed
@@ -171,11 +175,15 @@ class Bench:
             torch.cuda.reset_peak_memory_stats()
         spec = {"label": TITLES[section], "sub_label": row, "description": col, "num_threads": self.args.threads}
         clock = time.thread_time if self.device.type == "cpu" else time.perf_counter  # CPU: no waits for a core
-        timer = benchmark.Timer("fn()", globals={"fn": fn}, timer=clock, **spec)
+        # as after a backward, every gradient is new to the transforms (which leave alone one they transformed)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        timer = benchmark.Timer("new(grads); fn()", globals={"fn": fn, "new": increment_version, "grads": grads},
+                                timer=clock, **spec)  # fmt: skip
         m = timer.blocked_autorange(min_run_time=self.args.min_run_time)
         self.measurements[section].append(m)
         self.medians[section][row][col] = m.median
-        self.skipped += getattr(getattr(fn, "__self__", None), "skipped_steps", 0)
+        transform = getattr(fn, "__self__", None)
+        self.skipped += getattr(transform, "skipped_steps", 0) + getattr(transform, "repeated_steps", 0)
         if self.device.type == "cuda":
             self.cuda_peak[section][row][col] = torch.cuda.max_memory_allocated()
 
@@ -210,6 +218,7 @@ def print_table(head: str, rows: dict[str, dict[str, Optional[float]]]) -> None:
 def sections_per_shape(b: Bench, s: Shape) -> None:
     """Sections 1, 2, 3, 6 and 8 and the state bytes on one model shape."""
     col, n = s.name, s.param_bytes
+    b.params = s.params
     for row, make, fill in (
         (EMA, lambda: EMAFilter(s.fresh(), ALPHA, LAMB), 1),
         (A_EMA, lambda: AuthorsEMA(s.model, ALPHA, LAMB), 1),
@@ -222,6 +231,7 @@ def sections_per_shape(b: Bench, s: Shape) -> None:
         for _ in range(fill):  # full windows; the authors' deques hold distinct tensors, as in training
             if isinstance(f, Authors):
                 s.fresh()
+            increment_version([p.grad for p in s.params])
             f.step()
         b.time("authors", row, col, f.step)
         b.extra["memory"][row][col] = f.state_bytes() / n
@@ -233,6 +243,7 @@ def sections_per_shape(b: Bench, s: Shape) -> None:
     b.time("floor", "floor", col, lambda: torch._foreach_lerp_(floor_state, s.pool, 1 - ALPHA))
     ma, og = MAFilter(s.fresh(), 10, LAMB), OrthoGrad(s.fresh())
     for _ in range(10):
+        increment_version([p.grad for p in s.params])
         ma.step()
     adamw = torch.optim.AdamW(s.params, foreach=True)  # the first call of each timer (a warm-up) makes the state
     for row, fn in ((EMA, ema.step), (MA10, ma.step), (OG, og.step), ("AdamW step", adamw.step)):
@@ -262,6 +273,7 @@ def train_section(b: Bench, quick: bool) -> None:
     x = torch.randint(0, VOCAB, (batch, SEQ), device=b.device)
     y = torch.randint(0, VOCAB, (batch,), device=b.device)
     adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    b.params = list(model.parameters())
 
     def train_step() -> None:
         adam.zero_grad(set_to_none=True)
@@ -279,6 +291,7 @@ def train_section(b: Bench, quick: bool) -> None:
 def bf16_section(b: Bench, shapes: list[Shape]) -> None:
     """Section 7: bfloat16 parameters and gradients, the EMA state in float32 or in bfloat16."""
     for s in shapes:
+        b.params = s.params
         for fp32 in (True, False):
             ema = EMAFilter(s.fresh(), ALPHA, LAMB, fp32_state=fp32)
             b.time("bf16", f"fp32_state={fp32}", s.name, ema.step)
@@ -323,7 +336,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         for section in TITLES:
             b.report(section)
         if b.skipped:
-            print(f"WARNING: {b.skipped} steps were skipped for inf/NaN gradients: their timings are invalid.")
+            print(f"WARNING: {b.skipped} steps were skipped (inf/NaN or repeated gradients): timings invalid.")
         if b.cuda_peak:
             print("\n== CUDA: torch.cuda.max_memory_allocated during each case (MiB) ==")
             for section, rows in b.cuda_peak.items():

@@ -19,22 +19,20 @@ Examples:
 At the end of ``fit`` the script prints ``steps_to_90: N`` (the optimizer step at the validation
 where the validation accuracy first reached 0.9, or ``null``), writes ``grokking.json`` and
 ``accuracy.png`` into the run's log directory and prints their paths (the report callback, the CLI
-and its default loggers are those of ``modular_arithmetic.py``, imported from next to this file).
+and its default loggers are those of ``grokking_task.py``, next to this file).
 """
 
 from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser
-from modular_arithmetic import ClassificationTask, GrokkingCLI, GrokkingReport, HeldOutData
+from grokking_task import ClassificationTask, GrokkingCLI, HeldOutData
+from lightning.pytorch.cli import ArgsType
 from torch import Tensor, nn
-
-import lightning_grokfast  # noqa: F401  (registers GrokfastCallback and OrthoGradCallback for the CLI)
 
 NUM_CLASSES = 10
 NUM_FEATURES = 64
@@ -203,12 +201,9 @@ class DigitsModel(ClassificationTask):
 
 
 class DigitsCLI(GrokkingCLI):
-    """LightningCLI with the report callback (threshold 0.9) and the default loggers of ``GrokkingCLI``."""
+    """The shared CLI with the digits' threshold (0.9) and title."""
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add the report callback as ``report``, with the digits' threshold as its default."""
-        parser.add_lightning_class_args(GrokkingReport, "report")
-        parser.set_defaults({"report.threshold": 0.9, "report.title": "digits"})
+    report_defaults: ClassVar[dict[str, Any]] = {"threshold": 0.9, "title": "digits"}
 
 
 def main(args: ArgsType = None, run: bool = True) -> DigitsCLI:

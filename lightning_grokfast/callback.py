@@ -1,4 +1,11 @@
-"""The Lightning callbacks: thin glue around the plain-PyTorch transforms of `filters` and `orthograd`."""
+"""The Lightning callbacks: thin glue around the plain-PyTorch transforms.
+
+Each callback takes the typed arguments LightningCLI shows and turns them into the transform's settings object
+(checked there, once). Its hooks, in the order Lightning calls them: ``setup`` (strategy and stacking checks),
+``on_fit_start`` (the transform built over the final parameters, its memory checked), ``load_state_dict`` /
+``on_load_checkpoint`` (resume; before or after ``on_fit_start``, by strategy), ``on_before_optimizer_step`` (the
+step), ``on_train_batch_end`` (what the optimizer stepped on counts as transformed) and ``state_dict``.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +18,20 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.strategies.xla import XLAStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_grokfast._base import GradientTransform, format_bytes
-from lightning_grokfast._validation import (
-    check_alpha,
-    check_bool,
-    check_choice,
-    check_lamb,
-    check_optional_bool,
-    check_window_size,
-)
 from lightning_grokfast.filters import EMAFilter, FilterStats, MAFilter
-from lightning_grokfast.orthograd import APPLY_TO, OrthoGrad, OrthoGradStats
+from lightning_grokfast.orthograd import OrthoGrad, OrthoGradStats
+from lightning_grokfast.settings import EMASettings, MASettings, OrthoGradSettings, Settings, _flag, choice
+from lightning_grokfast.transform import GradientTransform, format_bytes
 
-_DEFAULT_LAMB = {"ema": 2.0, "ma": 5.0}
+_TRANSFORMS: dict[type[Settings], type[GradientTransform[Any]]] = {
+    EMASettings: EMAFilter,
+    MASettings: MAFilter,
+    OrthoGradSettings: OrthoGrad,
+}
 # Gradients are sharded or not materialised where Lightning calls `on_before_optimizer_step`.
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, XLAStrategy)
 
@@ -43,10 +48,6 @@ def _transform_callbacks(trainer: pl.Trainer) -> list[_TransformCallback]:
     return [cb for cb in callbacks if isinstance(cb, _TransformCallback)]
 
 
-def _fmt(name: str, config: dict[str, Any]) -> str:
-    return f"{name}(" + ", ".join(f"{k}={v!r}" for k, v in config.items()) + ")"
-
-
 class _TransformCallback(Callback):
     """What both callbacks share: strategy and stacking checks, the one order of the transforms, logging, state.
 
@@ -58,34 +59,30 @@ class _TransformCallback(Callback):
     _chain_order: ClassVar[int]
     _prefix: ClassVar[str]
 
-    def __init__(self, log_diagnostics: bool, skip_nonfinite: bool, foreach: Optional[bool]) -> None:
-        self.log_diagnostics = check_bool("log_diagnostics", log_diagnostics)
-        self.skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
-        self.foreach = check_optional_bool("foreach", foreach)
-        self._transform: Optional[GradientTransform] = None
+    def __init__(self, settings: Settings, log_diagnostics: bool) -> None:
+        self.settings = settings
+        self.log_diagnostics = _flag("log_diagnostics", log_diagnostics)
+        self._transform: Optional[GradientTransform[Any]] = None
         self._module: Optional[pl.LightningModule] = None
-        self._pending: Optional[dict[str, Any]] = None
+        self._pending: Optional[dict[str, Any]] = None  # state loaded before any fit built the transform
         self._chain: list[_TransformCallback] = [self]
         self._foreign: set[int] = set()  # ids of optimizer tensors that are not parameters of the module
-
-    # ------------------------------------------------------------------ to implement
-    def config(self) -> dict[str, Any]:
-        """The settings that shape the transform (for messages and the saved state)."""
-        raise NotImplementedError
-
-    def _make(self, pl_module: pl.LightningModule) -> GradientTransform:
-        raise NotImplementedError
-
-    def _diagnostics(self, stats: Any) -> dict[str, Optional[float]]:
-        raise NotImplementedError
+        self._stepped: list[Tensor] = []  # parameters transformed in this batch
 
     @property
-    def transform(self) -> Optional[GradientTransform]:
+    def transform(self) -> Optional[GradientTransform[Any]]:
         """The plain-PyTorch transform (``None`` until the first fit sets it up)."""
         return self._transform
 
+    def config(self) -> dict[str, Any]:
+        """The settings that shape the arithmetic, as messages show them."""
+        return self.settings.describe()
+
     def __repr__(self) -> str:
-        return _fmt(type(self).__name__, self.config())
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.config().items()) + ")"
+
+    def _diagnostics(self, stats: Any) -> dict[str, Optional[float]]:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ hooks, in call order
     @override
@@ -107,33 +104,44 @@ class _TransformCallback(Callback):
             raise ValueError(
                 f"The Trainer holds {len(twins)} {name}s: {listed}. Stacked, each would transform the gradients "
                 "the one before already transformed, and build its state from them. Keep one. From the "
-                f"LightningCLI, `--trainer.callbacks+={type(self).__module__.split('.')[0]}.{name}` adds one to those "
-                "a YAML config already lists: set its arguments in the YAML, or replace the whole list with "
+                f"LightningCLI, `--trainer.callbacks+=lightning_grokfast.{name}` adds one to those a YAML config "
+                "already lists: set its arguments in the YAML, or replace the whole list with "
                 "`--trainer.callbacks=[...]`."
             )
         self._chain = sorted(transforms, key=lambda cb: cb._chain_order)
         if self._module is not pl_module:
             self._transform = None  # another model: start afresh
-        self._build(pl_module)
-        assert self._transform is not None
-        nbytes = self._transform.expected_state_bytes()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Only now are the parameters final: `configure_model` may create or shard them after `setup`, and the
+        # strategy has moved them to their device. Nothing is allocated before the first step.
+        transform = self._build(pl_module)
+        nbytes = transform.expected_state_bytes()
         if nbytes:
-            rank_zero_info(
-                f"{self!r}: its state will hold {format_bytes(nbytes)} for {self._transform.numel():,} parameter "
-                "values."
-            )
-            self._transform.check_memory(trainer.strategy.root_device)
+            rank_zero_info(f"{self!r}: its state will hold {format_bytes(nbytes)} ({transform._memory_rule()}).")
+            transform.check_memory(trainer.strategy.root_device)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        first = next(iter(_transform_callbacks(trainer)), self)
-        if first is not self:
+        if next(iter(_transform_callbacks(trainer)), self) is not self:
             return  # the first transform callback listed runs every one, in their one order
         logging = _logs_this_step(trainer)
         for cb in self._chain:
             cb._step(trainer, pl_module, optimizer, logging)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if next(iter(_transform_callbacks(trainer)), self) is not self:
+            return
+        # After the optimizer step: the gradients it used (clipped, transformed by the whole chain) are what each
+        # transform must leave alone until something writes them again.
+        for cb in self._chain:
+            if cb._stepped and cb._transform is not None:
+                cb._transform.mark_transformed(p.grad for p in cb._stepped if p.grad is not None)
+            cb._stepped = []
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, logging: bool) -> None:
         transform = self._transform if self._transform is not None else self._build(pl_module)
@@ -149,6 +157,7 @@ class _TransformCallback(Callback):
                 )
             params = known
         stats = transform.step(params, compute_stats=logging and self.log_diagnostics)
+        self._stepped.extend(params)
         if not logging:
             return
         values = {f"{self._prefix}/skipped_steps": float(transform.skipped_steps)}
@@ -161,12 +170,13 @@ class _TransformCallback(Callback):
             values = {f"{k}_opt{index}": v for k, v in values.items()}
         pl_module.log_dict(values, on_step=True, on_epoch=False)
 
-    def _build(self, pl_module: pl.LightningModule) -> GradientTransform:
+    def _build(self, pl_module: pl.LightningModule) -> GradientTransform[Any]:
         """Create the transform over ``pl_module``'s parameters, or re-register them, keeping the state."""
         if self._transform is not None and self._module is pl_module:
             self._transform.set_parameters(pl_module.named_parameters())
             return self._transform
-        self._transform, self._module = self._make(pl_module), pl_module
+        cls = _TRANSFORMS[type(self.settings)]
+        self._transform, self._module = cls.from_settings(pl_module.named_parameters(), self.settings), pl_module
         if self._pending is not None:
             state, self._pending = self._pending, None
             self._load(state)
@@ -215,7 +225,7 @@ class GrokfastCallback(_TransformCallback):
             default of the filter: 2.0 for ``"ema"``, 5.0 for ``"ma"``.
         window_size: number of past gradients in the moving window, an integer >= 1. Used by ``"ma"``. Memory:
             ``window_size + 1`` copies of the parameters (100 x 4 bytes x 50M parameters is about 19 GiB); a
-            state that cannot fit in the free memory of the training device is refused in ``setup``.
+            state that cannot fit in the free memory of the training device is refused when the fit starts.
         warmup: leave gradients untouched until the window is full. Used by ``"ma"``.
         reduction: ``"mean"`` or ``"sum"`` of the window. Used by ``"ma"``.
         fp32_state: keep the state of 16-bit gradients (``bf16-true``, ``16-true``, ``.half()`` models) in float32,
@@ -227,6 +237,8 @@ class GrokfastCallback(_TransformCallback):
             untouched, warn the first time and count it.
         foreach: use the multi-tensor ``torch._foreach_*`` kernels (``None``, the default, or ``True``) or a
             per-tensor loop (``False``).
+
+    Every argument is checked in the constructor, those of the other filter too, so that a typo fails at once.
 
     Example::
 
@@ -242,6 +254,7 @@ class GrokfastCallback(_TransformCallback):
 
     _chain_order = 0
     _prefix = "grokfast"
+    settings: EMASettings | MASettings
 
     def __init__(
         self,
@@ -256,50 +269,27 @@ class GrokfastCallback(_TransformCallback):
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
     ) -> None:
-        self.filter = check_choice("filter", filter, ("ema", "ma"))
-        self.alpha = check_alpha(alpha)
-        self.lamb = check_lamb(_DEFAULT_LAMB[self.filter] if lamb is None else lamb)
-        self.window_size = check_window_size(window_size)
-        self.warmup = check_bool("warmup", warmup)
-        self.reduction: Literal["mean", "sum"] = check_choice("reduction", reduction, ("mean", "sum"))  # type: ignore[assignment]
-        self.fp32_state = check_bool("fp32_state", fp32_state)
-        super().__init__(log_diagnostics, skip_nonfinite, foreach)
+        kind = choice("filter", filter, ("ema", "ma"))
+        common: dict[str, Any] = {"fp32_state": fp32_state, "skip_nonfinite": skip_nonfinite, "foreach": foreach}
+        if lamb is not None:  # else each filter's own default
+            common["lamb"] = lamb
+        ema = EMASettings(alpha, **common)
+        ma = MASettings(window_size, warmup=warmup, reduction=reduction, **common)
+        super().__init__(ema if kind == "ema" else ma, log_diagnostics)
 
     @override
     def config(self) -> dict[str, Any]:
-        if self.filter == "ema":
-            return {"filter": "ema", "alpha": self.alpha, "lamb": self.lamb}
-        return {
-            "filter": "ma",
-            "window_size": self.window_size,
-            "lamb": self.lamb,
-            "warmup": self.warmup,
-            "reduction": self.reduction,
-        }
+        return {"filter": self.settings.kind, **self.settings.describe()}
 
     @property
     @override
     def state_key(self) -> str:
-        # only what decides whether saved state fits: the filter, and the window of the moving average
-        fits = {"filter": self.filter, **({"window_size": self.window_size} if self.filter == "ma" else {})}
-        return self._generate_state_key(**fits)
+        return self._generate_state_key(filter=self.settings.kind, **self.settings.must_match())
 
     @property
-    def grad_filter(self) -> Optional[GradientTransform]:
+    def grad_filter(self) -> Optional[GradientTransform[Any]]:
         """The filter (``None`` until the first fit sets it up)."""
         return self._transform
-
-    @override
-    def _make(self, pl_module: pl.LightningModule) -> GradientTransform:
-        opts: dict[str, Any] = {
-            "fp32_state": self.fp32_state,
-            "skip_nonfinite": self.skip_nonfinite,
-            "foreach": self.foreach,
-        }
-        params = pl_module.named_parameters()
-        if self.filter == "ema":
-            return EMAFilter(params, alpha=self.alpha, lamb=self.lamb, **opts)
-        return MAFilter(params, self.window_size, self.lamb, self.warmup, self.reduction, **opts)
 
     @override
     def _diagnostics(self, stats: FilterStats) -> dict[str, Optional[float]]:
@@ -312,36 +302,35 @@ class GrokfastCallback(_TransformCallback):
         if trainer.state.fn != TrainerFn.FITTING:
             return  # validate/test/predict from a checkpoint: the filter plays no part
         states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
+        if states.get(self.state_key):
             return  # Lightning calls load_state_dict next
-        others = [v for k, v in states.items() if str(k).startswith("GrokfastCallback") and isinstance(v, dict)]
-        fitting = [v for v in others if self._fits(v.get("config", {}))]
-        if len(fitting) == 1:  # written by 0.1.0, whose key held every setting: Lightning does not find it
-            self.load_state_dict(fitting[0])
+        if self.state_key in states:  # Lightning skips an empty entry: nothing would say the filter starts afresh
+            rank_zero_warn(
+                f"{self!r}: the checkpoint's entry {self.state_key!r} is empty; the filter starts fresh from this step."
+            )
             return
-        if others:
-            held = "; ".join(_fmt("GrokfastCallback", v.get("config", {})) for v in others)
+        saved = [v["filter"] for k, v in states.items() if str(k).startswith("GrokfastCallback") and v.get("filter")]
+        fitting = [s for s in saved if self.settings.mismatch(s.get("kind"), s.get("hparams", {})) is None]
+        if len(fitting) == 1:  # written by 0.1.0, whose key held every setting: Lightning does not find it
+            self._load(fitting[0])
+            return
+        if saved:
+            held = "; ".join(f"{s.get('kind')!r} with {s.get('hparams')}" for s in saved)
             raise ValueError(
                 f"{self!r}: the checkpoint's Grokfast state does not fit this callback. It holds: {held}. A "
                 "filter of the other kind or another window cannot continue from it; resume with the saved settings."
             )
         rank_zero_warn(f"{self!r}: the checkpoint holds no Grokfast state; the filter starts fresh from this step.")
 
-    def _fits(self, saved: dict[str, Any]) -> bool:
-        """Whether state saved under the settings ``saved`` can continue here: the same filter (and MA window)."""
-        same = saved.get("filter") == self.filter
-        return same and (self.filter == "ema" or saved.get("window_size") == self.window_size)
-
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "filter" not in state_dict:
             raise ValueError("Not a GrokfastCallback state: no 'filter' entry.")
-        saved = state_dict.get("config", {})
-        changed = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}
+        changed = self.settings.changed(state_dict["filter"].get("hparams", {}))
         if changed:
             rank_zero_warn(
                 f"{self!r}: resuming filter state saved with "
-                + ", ".join(f"{k}={old!r}" for k, (old, _) in changed.items())
+                + ", ".join(f"{k}={old!r}" for k, old in changed.items())
                 + "; it continues under the new settings."
             )
         self._load(state_dict["filter"])
@@ -349,8 +338,8 @@ class GrokfastCallback(_TransformCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._transform is None:
-            return {} if self._pending is None else {"config": self.config(), "filter": self._pending}
-        return {"config": self.config(), "filter": self._transform.state_dict()}
+            return {} if self._pending is None else {"filter": self._pending}
+        return {"filter": self._transform.state_dict()}
 
 
 class OrthoGradCallback(_TransformCallback):
@@ -384,6 +373,7 @@ class OrthoGradCallback(_TransformCallback):
 
     _chain_order = 1
     _prefix = "orthograd"
+    settings: OrthoGradSettings
 
     def __init__(
         self,
@@ -392,21 +382,7 @@ class OrthoGradCallback(_TransformCallback):
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
     ) -> None:
-        self.apply_to: Literal["all", "matrices"] = check_choice("apply_to", apply_to, APPLY_TO)  # type: ignore[assignment]
-        super().__init__(log_diagnostics, skip_nonfinite, foreach)
-
-    @override
-    def config(self) -> dict[str, Any]:
-        return {"apply_to": self.apply_to}
-
-    @override
-    def _make(self, pl_module: pl.LightningModule) -> GradientTransform:
-        return OrthoGrad(
-            pl_module.named_parameters(),
-            self.apply_to,
-            skip_nonfinite=self.skip_nonfinite,
-            foreach=self.foreach,
-        )
+        super().__init__(OrthoGradSettings(apply_to, skip_nonfinite=skip_nonfinite, foreach=foreach), log_diagnostics)
 
     @override
     def _diagnostics(self, stats: OrthoGradStats) -> dict[str, Optional[float]]:

@@ -9,32 +9,25 @@ Both filters amplify the slow component of every gradient, in place, between ``b
   from a ring buffer and a running sum, so a step costs the same whatever the window.
 
 The state is always built from the raw gradients and never aliases ``.grad``. For 16-bit gradients it is kept
-in float32 by default (``fp32_state``): an EMA update moves ``mu`` by ``1 - alpha`` of the difference, which
-in bfloat16 rounds to no move at all. Tensors of one device and dtype are updated together with
-``torch._foreach_*`` ops (``foreach=False`` selects the per-tensor functions, as in ``torch.optim``).
+in float32 by default (``fp32_state``). Each filter has a per-tensor and a multi-tensor function of one
+signature, chosen once, as in ``torch.optim``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, Optional, TypeVar
 
 import torch
 from torch import Tensor
 
-from lightning_grokfast._base import (
-    LOW_PRECISION,
-    Entry,
-    GradientTransform,
-    Params,
-    check_tensor,
-    dots,
-    norms,
-    safe_div,
-)
-from lightning_grokfast._validation import check_alpha, check_bool, check_choice, check_lamb, check_window_size
+from lightning_grokfast.settings import EMASettings, FilterSettings, MASettings
+from lightning_grokfast.transform import GradientTransform, Group, Params, check_tensor, compute_dtype
+
+F = TypeVar("F", bound=FilterSettings)
+Sums = tuple[Tensor, Tensor]  # <raw g, what was added> and |what was added|^2, summed over a group (float64)
+_NO_SUMS: Sums = (torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
 
 
 @dataclass(frozen=True)
@@ -64,115 +57,113 @@ class FilterStats:
     def amplification(self) -> Optional[float]:
         """``filtered_norm / raw_norm``: 1 means no change; below 1 when the slow component points against the
         gradient (negative cosine)."""
-        return None if self.filtered_norm is None else safe_div(self.filtered_norm, self.raw_norm or 0.0)
+        return None if self.filtered_norm is None else _ratio(self.filtered_norm, self.raw_norm)
 
     @property
     def slow_ratio(self) -> Optional[float]:
         """``slow_norm / raw_norm``: the size of the added slow component relative to the raw gradient."""
-        return None if self.slow_norm is None else safe_div(self.slow_norm, self.raw_norm or 0.0)
+        return None if self.slow_norm is None else _ratio(self.slow_norm, self.raw_norm)
 
 
-class GradientFilter(GradientTransform):
-    """Base of the Grokfast filters: 16-bit state policy and the statistics of a step.
+def _ratio(num: float, den: Optional[float]) -> Optional[float]:
+    return num / den if den and math.isfinite(den) else None
 
-    A subclass's :meth:`_update` filters one group (one device and dtype) and returns, with statistics asked
-    for, ``(<raw g, added>, |added|^2)`` summed over the group; the filtered norm follows from
-    ``|g + s|^2 = |g|^2 + 2 <g, s> + |s|^2`` without another pass over the gradients.
-    """
 
-    lamb: float
+def sq_norms(tensors: list[Tensor]) -> Tensor:
+    """Per-tensor squared L2 norms (computed in float32 at least), stacked into one float64 tensor."""
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).double().square()
 
-    def __init__(self, params: Params, *, fp32_state: bool, skip_nonfinite: bool, foreach: Optional[bool]) -> None:
-        self.fp32_state = check_bool("fp32_state", fp32_state)
-        super().__init__(params, skip_nonfinite=skip_nonfinite, foreach=foreach)
 
-    def state_dtype(self, grad_dtype: torch.dtype) -> torch.dtype:
-        return torch.float32 if self.fp32_state and grad_dtype in LOW_PRECISION else grad_dtype
+def dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """Per-pair dot products ``<x, y>`` of flat tensors (one ``torch.dot`` each: no temporaries), stacked into one
+    float64 tensor."""
+    return torch.stack([torch.dot(x, y) for x, y in zip(xs, ys)]).double()
 
-    def _copies(self) -> int:
-        """State tensors per parameter, in units of the parameter's size."""
-        raise NotImplementedError
+
+def in_dtype(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """``tensors`` in ``dtype`` (the same tensors when they already are)."""
+    return tensors if tensors[0].dtype == dtype else [t.to(dtype) for t in tensors]
+
+
+def _added_sums(grads: list[Tensor], slows: list[Tensor], scale: float) -> Sums:
+    """``(<g, scale * slow>, |scale * slow|^2)`` summed over the pairs."""
+    flat = [g.reshape(-1) for g in grads], [s.reshape(-1) for s in slows]
+    return scale * dots(*flat).sum(), scale**2 * sq_norms(slows).sum()
+
+
+class GradientFilter(GradientTransform[F]):
+    """Base of the Grokfast filters: the 16-bit state rule, the state size and the statistics of a step."""
+
+    def _state_dtype(self, grad_dtype: torch.dtype) -> torch.dtype:
+        return compute_dtype(grad_dtype) if self.settings.fp32_state else grad_dtype
 
     def expected_state_bytes(self) -> int:
-        size = sum(p.numel() * self.state_dtype(p.dtype).itemsize for p in self._params.values())
-        return self._copies() * size
+        size = sum(p.numel() * self._state_dtype(p.dtype).itemsize for p in self._params.values())
+        return self.settings.copies() * size
+
+    def _memory_rule(self) -> str:
+        copies = self.settings.copies()
+        what = "one copy" if copies == 1 else f"window_size + 1 = {copies} copies"
+        return f"{what} of {self.numel():,} parameter values"
+
+    def _memory_advice(self) -> str:
+        window = "Use the EMA filter (one copy) or a smaller `window_size`. " if self.settings.copies() > 1 else ""
+        return window + "Keep 16-bit state with `fp32_state=False`, or filter fewer parameters."
+
+    def _prepare(self, group: Group, compute_stats: bool) -> dict[str, Tensor]:
+        return {"sq_norms": sq_norms(group.grads)} if compute_stats else {}
 
     def _stats(self, applied: bool, skipped_nonfinite: bool = False) -> FilterStats:
         return FilterStats(applied=applied, skipped_nonfinite=skipped_nonfinite)
 
-    def _apply(
-        self, groups: list[list[Entry]], foreach: list[bool], raw_norms: Optional[list[Tensor]], compute_stats: bool
-    ) -> FilterStats:
-        num = sum(len(g) for g in groups)
-        sums = [self._update(group, fe, compute_stats) for group, fe in zip(groups, foreach)]
-        if not compute_stats or raw_norms is None:
+    def _apply(self, groups: list[Group], prepared: list[dict[str, Tensor]], compute_stats: bool) -> FilterStats:
+        sums = [self._filter(group, compute_stats) for group in groups]
+        num = sum(len(g.grads) for g in groups)
+        if not compute_stats:
             return FilterStats(applied=True, num_tensors=num)
-        raw = float(sum(n.double().square().sum().cpu() for n in raw_norms))
-        dot = float(sum(d.cpu() for d, _ in sums))
-        slow = float(sum(s.cpu() for _, s in sums))
-        filtered = max(raw + 2 * dot + slow, 0.0)
+        raw = float(sum(p["sq_norms"].sum() for p in prepared))
+        dot, slow = (float(sum(s[i] for s in sums)) for i in (0, 1))
         return FilterStats(
             applied=True,
             num_tensors=num,
             raw_norm=math.sqrt(raw),
-            filtered_norm=math.sqrt(filtered),
+            filtered_norm=math.sqrt(max(raw + 2 * dot + slow, 0.0)),  # |g + s|^2 = |g|^2 + 2 <g, s> + |s|^2
             slow_norm=math.sqrt(slow),
             cosine=max(-1.0, min(1.0, dot / math.sqrt(raw * slow))) if raw > 0 and slow > 0 else None,
         )
 
-    def _update(self, group: list[Entry], foreach: bool, compute_stats: bool) -> tuple[Tensor, Tensor]:
+    def _filter(self, group: Group, compute_stats: bool) -> Sums:
+        """Filter one group in place; with ``compute_stats``, the sums of what was added."""
         raise NotImplementedError
 
-    def _memory_advice(self) -> str:
-        return "Keep 16-bit state with `fp32_state=False`, or filter fewer parameters."
+
+# ---------------------------------------------------------------------------------------------- EMA
 
 
-def _as_state_dtype(grads: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """The gradients in the state's dtype (the same tensors when the dtypes agree)."""
-    return grads if grads[0].dtype == dtype else [g.to(dtype) for g in grads]
+def _single_tensor_ema(grads: list[Tensor], mus: list[Tensor], alpha: float, lamb: float, stats: bool) -> Sums:
+    dot, slow = _NO_SUMS
+    for g, mu in zip(grads, mus):
+        raw = g.to(mu.dtype)
+        mu.lerp_(raw, 1.0 - alpha)
+        if stats:
+            d, s = _added_sums([raw], [mu], lamb)
+            dot, slow = dot + d, slow + s
+        if lamb:
+            g.add_(mu, alpha=lamb)
+    return dot, slow
 
 
-def _add_stats(grads: list[Tensor], slows: list[Tensor], scale: float, foreach: bool) -> tuple[Tensor, Tensor]:
-    """``(<g, scale * slow>, |scale * slow|^2)`` summed over the pairs, in float64."""
-    dot = scale * dots(grads, slows).sum()
-    return dot, (scale * norms(slows, foreach).double()).square().sum()
+def _multi_tensor_ema(grads: list[Tensor], mus: list[Tensor], alpha: float, lamb: float, stats: bool) -> Sums:
+    raw = in_dtype(grads, mus[0].dtype)
+    torch._foreach_lerp_(mus, raw, 1.0 - alpha)
+    sums = _added_sums(raw, mus, lamb) if stats else _NO_SUMS
+    if lamb:
+        torch._foreach_add_(grads, mus, alpha=lamb)
+    return sums
 
 
-def _lerp_single(xs: list[Tensor], ys: list[Tensor], weight: float) -> None:
-    for x, y in zip(xs, ys):
-        x.lerp_(y, weight)
-
-
-def _add_single(xs: list[Tensor], ys: list[Tensor], alpha: float = 1.0) -> None:
-    for x, y in zip(xs, ys):
-        x.add_(y, alpha=alpha)
-
-
-def _sub_single(xs: list[Tensor], ys: list[Tensor]) -> None:
-    for x, y in zip(xs, ys):
-        x.sub_(y)
-
-
-def _copy_single(xs: list[Tensor], ys: list[Tensor]) -> None:
-    for x, y in zip(xs, ys):
-        x.copy_(y)
-
-
-class _Ops(NamedTuple):
-    """The in-place list operations of one path, chosen once per group as in ``torch.optim``."""
-
-    lerp: Callable[..., Any]
-    add: Callable[..., Any]
-    sub: Callable[..., Any]
-    copy: Callable[..., Any]
-
-
-_FOREACH = _Ops(torch._foreach_lerp_, torch._foreach_add_, torch._foreach_sub_, torch._foreach_copy_)
-_SINGLE = _Ops(_lerp_single, _add_single, _sub_single, _copy_single)
-_NO_STATS = (torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
-
-
-class EMAFilter(GradientFilter):
+class EMAFilter(GradientFilter[EMASettings]):
     """Grokfast-EMA (the paper's Algorithm 2): add an amplified exponential moving average of the gradient.
 
     Per parameter, ``mu`` starts as a copy of its first gradient; every step ``mu = alpha * mu + (1 - alpha) * g``
@@ -199,7 +190,7 @@ class EMAFilter(GradientFilter):
             optimizer.step()
     """
 
-    kind = "ema"
+    settings_type = EMASettings
 
     def __init__(
         self,
@@ -211,35 +202,89 @@ class EMAFilter(GradientFilter):
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
     ) -> None:
-        self.alpha = check_alpha(alpha)
-        self.lamb = check_lamb(lamb)
-        super().__init__(params, fp32_state=fp32_state, skip_nonfinite=skip_nonfinite, foreach=foreach)
+        settings = EMASettings(alpha, lamb, fp32_state=fp32_state, skip_nonfinite=skip_nonfinite, foreach=foreach)
+        super().__init__(params, settings)
 
-    def hparams(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "lamb": self.lamb}
+    def _init_state(self, name: str, grad: Tensor) -> dict[str, Any]:
+        mu = grad.to(self._state_dtype(grad.dtype), copy=True, memory_format=torch.preserve_format)
+        entry = self.state[name] = {"mu": mu}
+        return entry
 
-    def _copies(self) -> int:
-        return 1
-
-    def _init_state(self, grad: Tensor) -> dict[str, Any]:
-        return {"mu": grad.to(self.state_dtype(grad.dtype), copy=True, memory_format=torch.preserve_format)}
-
-    def _check_loaded_entry(self, name: str, param: Tensor, entry: dict[str, Any]) -> None:
+    def _check_entry(self, name: str, param: Tensor, entry: dict[str, Any]) -> None:
         check_tensor(name, "mu", entry.get("mu"), tuple(param.shape))
 
-    def _update(self, group: list[Entry], foreach: bool, compute_stats: bool) -> tuple[Tensor, Tensor]:
-        mus = [e.state["mu"] for e in group]
-        grads = [e.grad for e in group]
-        grads_s = _as_state_dtype(grads, mus[0].dtype)
-        ops = _FOREACH if foreach else _SINGLE
-        ops.lerp(mus, grads_s, 1.0 - self.alpha)
-        stats = _add_stats(grads_s, mus, self.lamb, foreach) if compute_stats else _NO_STATS
-        if self.lamb:
-            ops.add(grads, mus, alpha=self.lamb)
-        return stats
+    def _filter(self, group: Group, compute_stats: bool) -> Sums:
+        update = _single_tensor_ema if self.settings.foreach is False else _multi_tensor_ema
+        return update(group.grads, group.state("mu"), self.settings.alpha, self.settings.lamb, compute_stats)
 
 
-class MAFilter(GradientFilter):
+# ---------------------------------------------------------------------------------------------- MA
+
+
+def _ma_scale(count: int, window: int, lamb: float, warmup: bool, mean: bool) -> Optional[float]:
+    """The factor of the window sum added to a gradient once ``count`` gradients entered the window; ``None``
+    while warm-up leaves it as it is."""
+    if warmup and count < window:
+        return None
+    return lamb / min(count, window) if mean else lamb
+
+
+def _single_tensor_ma(
+    grads: list[Tensor], states: list[dict[str, Any]], window: int, lamb: float, warmup: bool, mean: bool, stats: bool
+) -> Sums:
+    dot, slow = _NO_SUMS
+    for g, st in zip(grads, states):
+        ring, total = st["window"], st["sum"]
+        slot = ring[st["count"] % window]  # the oldest gradient, overwritten below
+        raw = g.to(total.dtype)
+        if st["count"] >= window:
+            total.sub_(slot)
+        total.add_(raw)
+        slot.copy_(raw)
+        st["count"] += 1
+        if st["count"] % window == 0:  # the ring came round: drop the rounding of the running sum
+            torch.sum(ring, dim=0, out=total)
+        scale = _ma_scale(st["count"], window, lamb, warmup, mean)
+        if scale is not None:
+            if stats:
+                d, s = _added_sums([raw], [total], scale)
+                dot, slow = dot + d, slow + s
+            if scale:
+                g.add_(total, alpha=scale)
+    return dot, slow
+
+
+def _multi_tensor_ma(
+    grads: list[Tensor], states: list[dict[str, Any]], window: int, lamb: float, warmup: bool, mean: bool, stats: bool
+) -> Sums:
+    totals = [st["sum"] for st in states]
+    slots = [st["window"][st["count"] % window] for st in states]
+    full = [i for i, st in enumerate(states) if st["count"] >= window]
+    raw = in_dtype(grads, totals[0].dtype)
+    if full:
+        torch._foreach_sub_([totals[i] for i in full], [slots[i] for i in full])
+    torch._foreach_add_(totals, raw)
+    torch._foreach_copy_(slots, raw)
+    for st in states:
+        st["count"] += 1
+        if st["count"] % window == 0:
+            torch.sum(st["window"], dim=0, out=st["sum"])
+    by_scale: dict[float, list[int]] = {}  # tensors whose window sum is added with one factor
+    for i, st in enumerate(states):
+        scale = _ma_scale(st["count"], window, lamb, warmup, mean)
+        if scale is not None:
+            by_scale.setdefault(scale, []).append(i)
+    dot, slow = _NO_SUMS
+    for scale, idx in by_scale.items():
+        if stats:
+            d, s = _added_sums([raw[i] for i in idx], [totals[i] for i in idx], scale)
+            dot, slow = dot + d, slow + s
+        if scale:
+            torch._foreach_add_([grads[i] for i in idx], [totals[i] for i in idx], alpha=scale)
+    return dot, slow
+
+
+class MAFilter(GradientFilter[MASettings]):
     """Grokfast-MA (the paper's Algorithm 1): add the amplified mean (or sum) of the last gradients.
 
     Per parameter, a ring buffer holds the last ``window_size`` raw gradients, the current one included, and a
@@ -263,7 +308,7 @@ class MAFilter(GradientFilter):
         foreach: multi-tensor ``torch._foreach_*`` path (``None``/``True``) or a per-tensor loop (``False``).
     """
 
-    kind = "ma"
+    settings_type = MASettings
 
     def __init__(
         self,
@@ -277,69 +322,25 @@ class MAFilter(GradientFilter):
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
     ) -> None:
-        self.window_size = check_window_size(window_size)
-        self.lamb = check_lamb(lamb)
-        self.warmup = check_bool("warmup", warmup)
-        self.reduction = check_choice("reduction", reduction, ("mean", "sum"))
-        super().__init__(params, fp32_state=fp32_state, skip_nonfinite=skip_nonfinite, foreach=foreach)
+        settings = MASettings(
+            window_size, lamb, warmup, reduction, fp32_state=fp32_state, skip_nonfinite=skip_nonfinite, foreach=foreach
+        )
+        super().__init__(params, settings)
 
-    def hparams(self) -> dict[str, Any]:
-        return {"window_size": self.window_size, "lamb": self.lamb, "warmup": self.warmup, "reduction": self.reduction}
+    def _init_state(self, name: str, grad: Tensor) -> dict[str, Any]:
+        dtype = self._state_dtype(grad.dtype)
+        ring = grad.new_zeros((self.settings.window_size, *grad.shape), dtype=dtype)
+        entry = self.state[name] = {"window": ring, "sum": torch.zeros_like(grad, dtype=dtype), "count": 0}
+        return entry
 
-    def _copies(self) -> int:
-        return self.window_size + 1
-
-    def _memory_rule(self) -> str:
-        return f"window_size + 1 = {self.window_size + 1} copies of them"
-
-    def _memory_advice(self) -> str:
-        return "Use the EMA filter (one copy) or a smaller `window_size`."
-
-    def _init_state(self, grad: Tensor) -> dict[str, Any]:
-        dtype = self.state_dtype(grad.dtype)
-        window = grad.new_zeros((self.window_size, *grad.shape), dtype=dtype)
-        return {"window": window, "sum": torch.zeros_like(grad, dtype=dtype), "count": 0}
-
-    def _check_loaded_hparams(self, hparams: dict[str, Any]) -> None:
-        saved = hparams.get("window_size")
-        if saved != self.window_size:
-            raise ValueError(f"The state was saved with window_size={saved!r}; this filter has {self.window_size}.")
-
-    def _check_loaded_entry(self, name: str, param: Tensor, entry: dict[str, Any]) -> None:
-        check_tensor(name, "window", entry.get("window"), (self.window_size, *param.shape))
+    def _check_entry(self, name: str, param: Tensor, entry: dict[str, Any]) -> None:
+        check_tensor(name, "window", entry.get("window"), (self.settings.window_size, *param.shape))
         check_tensor(name, "sum", entry.get("sum"), tuple(param.shape))
         count = entry.get("count")
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ValueError(f"The state of {name!r} has an invalid 'count' {count!r}.")
 
-    def _update(self, group: list[Entry], foreach: bool, compute_stats: bool) -> tuple[Tensor, Tensor]:
-        w = self.window_size
-        states = [e.state for e in group]
-        grads = [e.grad for e in group]
-        sums = [st["sum"] for st in states]
-        slots = [st["window"][st["count"] % w] for st in states]  # the oldest gradient, overwritten below
-        full = [i for i, st in enumerate(states) if st["count"] >= w]
-        ops = _FOREACH if foreach else _SINGLE
-        if full:
-            ops.sub([sums[i] for i in full], [slots[i] for i in full])
-        ops.add(sums, grads, alpha=1.0)
-        ops.copy(slots, grads)
-        by_scale: dict[float, list[int]] = {}
-        for i, st in enumerate(states):
-            st["count"] += 1
-            if st["count"] % w == 0:  # the ring came round: drop the rounding of the running sum
-                torch.sum(st["window"], dim=0, out=st["sum"])
-            if self.warmup and st["count"] < w:
-                continue
-            scale = self.lamb / min(st["count"], w) if self.reduction == "mean" else self.lamb
-            by_scale.setdefault(scale, []).append(i)
-        dot, slow = _NO_STATS
-        grads_s = _as_state_dtype(grads, sums[0].dtype) if compute_stats else grads
-        for scale, idx in by_scale.items():
-            g_sel, s_sel = [grads[i] for i in idx], [sums[i] for i in idx]
-            if compute_stats:
-                d, s = _add_stats([grads_s[i] for i in idx], s_sel, scale, foreach)
-                dot, slow = dot + d.cpu(), slow + s.cpu()
-            if scale:
-                ops.add(g_sel, s_sel, alpha=scale)
-        return dot, slow
+    def _filter(self, group: Group, compute_stats: bool) -> Sums:
+        s = self.settings
+        update = _single_tensor_ma if s.foreach is False else _multi_tensor_ma
+        return update(group.grads, group.states, s.window_size, s.lamb, s.warmup, s.reduction == "mean", compute_stats)

@@ -26,10 +26,9 @@ from typing import Any, Literal, Optional
 import torch
 from torch import Tensor
 
-from lightning_grokfast._base import LOW_PRECISION, Entry, GradientTransform, Params, dots, safe_div
-from lightning_grokfast._validation import check_choice
-
-APPLY_TO = ("all", "matrices")
+from lightning_grokfast.filters import dots, sq_norms
+from lightning_grokfast.settings import OrthoGradSettings
+from lightning_grokfast.transform import GradientTransform, Group, Params, compute_dtype
 
 
 @dataclass(frozen=True)
@@ -51,20 +50,17 @@ class OrthoGradStats:
     radial_fraction: Optional[float] = None
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in LOW_PRECISION else dtype
+def _flat(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors (of one dtype), flattened, in their compute dtype: views where they already are."""
+    dtype = compute_dtype(tensors[0].dtype)
+    if tensors[0].dtype == dtype:
+        return [t.reshape(-1) for t in tensors]
+    return [t.reshape(-1).to(dtype) for t in tensors]
 
 
-def _in_compute_dtype(tensors: list[Tensor]) -> list[Tensor]:
-    """The tensors, flattened, in float32 at least (views where they already are)."""
-    return [t.reshape(-1).to(_compute_dtype(t.dtype)) for t in tensors]
-
-
-def _coefficients(ws: list[Tensor], gs: list[Tensor], ww: Tensor) -> tuple[Tensor, Tensor]:
-    """``<w, g> / <w, w>`` per pair (0 where ``w`` is 0), and the squared norms of the radial parts."""
-    wg = dots(ws, gs).to(ww.dtype)
-    coef = torch.where(ww > 0, wg / ww, torch.zeros_like(ww))
-    return coef, coef * wg
+def _coefficients(wg: Tensor, ww: Tensor) -> Tensor:
+    """``<w, g> / <w, w>`` per pair, 0 where ``w`` is 0."""
+    return torch.where(ww > 0, wg / ww, torch.zeros_like(ww))
 
 
 def _rescale(perp_norms: Tensor, g_norms: Tensor, grad_dtype: torch.dtype) -> Tensor:
@@ -74,34 +70,29 @@ def _rescale(perp_norms: Tensor, g_norms: Tensor, grad_dtype: torch.dtype) -> Te
     return torch.where(perp_norms > tol, g_norms / perp_norms, torch.zeros_like(perp_norms))
 
 
-def _orthograd_single(ws: list[Tensor], gs: list[Tensor], g_norms: Tensor) -> Tensor:
-    """Orthogonalize ``gs`` against ``ws`` in place, one tensor at a time; return the radial parts' squared norms."""
-    w_, g_ = _in_compute_dtype(ws), _in_compute_dtype(gs)
-    ww = dots(w_, w_).to(w_[0].dtype)
-    coef, radial_sq = _coefficients(w_, g_, ww)
-    for w, g, c, g_norm, out in zip(w_, g_, coef, g_norms.to(ww.dtype), gs):
+def _single_tensor_orthograd(
+    ws: list[Tensor], gs: list[Tensor], out: list[Tensor], g_norms: Tensor, coef: Tensor
+) -> None:
+    for w, g, o, c, g_norm in zip(ws, gs, out, coef, g_norms):
         g.addcmul_(w, c, value=-1.0)
-        g.mul_(_rescale(torch.linalg.vector_norm(g), g_norm, out.dtype))
-        if g.data_ptr() != out.data_ptr():
-            out.copy_(g.view_as(out))
-    return radial_sq.double()
+        g.mul_(_rescale(torch.linalg.vector_norm(g), g_norm, o.dtype))
+        if g.data_ptr() != o.data_ptr():
+            o.copy_(g.view_as(o))
 
 
-def _orthograd_foreach(ws: list[Tensor], gs: list[Tensor], g_norms: Tensor) -> Tensor:
-    """:func:`_orthograd_single` with ``torch._foreach_*`` kernels for everything but the dot products."""
-    w_, g_ = _in_compute_dtype(ws), _in_compute_dtype(gs)
-    ww = dots(w_, w_).to(w_[0].dtype)  # as <w, g>: two roundings of one kind cancel for a radial gradient
-    coef, radial_sq = _coefficients(w_, g_, ww)
-    torch._foreach_addcmul_(g_, w_, list(coef.unbind()), value=-1.0)
-    scale = _rescale(torch.stack(torch._foreach_norm(g_)), g_norms.to(ww.dtype), gs[0].dtype)
-    torch._foreach_mul_(g_, list(scale.unbind()))
-    copies = [(out, g.view_as(out)) for g, out in zip(g_, gs) if g.data_ptr() != out.data_ptr()]
+def _multi_tensor_orthograd(
+    ws: list[Tensor], gs: list[Tensor], out: list[Tensor], g_norms: Tensor, coef: Tensor
+) -> None:
+    """``gs``: flat float32-or-wider views or copies of the gradients ``out``; ``ws``: flat weights, alike."""
+    torch._foreach_addcmul_(gs, ws, list(coef.unbind()), value=-1.0)
+    scale = _rescale(torch.stack(torch._foreach_norm(gs)), g_norms, out[0].dtype)
+    torch._foreach_mul_(gs, list(scale.unbind()))
+    copies = [(o, g.view_as(o)) for g, o in zip(gs, out) if g.data_ptr() != o.data_ptr()]
     if copies:  # 16-bit or non-contiguous gradients were worked on in a copy
-        torch._foreach_copy_([out for out, _ in copies], [g for _, g in copies])
-    return radial_sq.double()
+        torch._foreach_copy_([o for o, _ in copies], [g for _, g in copies])
 
 
-class OrthoGrad(GradientTransform):
+class OrthoGrad(GradientTransform[OrthoGradSettings]):
     """⊥Grad: remove from every gradient its component along its own weight, keeping the gradient's norm.
 
     Stateless: nothing to checkpoint, no memory beyond a step's temporaries.
@@ -123,9 +114,7 @@ class OrthoGrad(GradientTransform):
             optimizer.step()
     """
 
-    kind = "orthograd"
-    _wants_norms = True
-    _stateful = False
+    settings_type = OrthoGradSettings
 
     def __init__(
         self,
@@ -135,36 +124,33 @@ class OrthoGrad(GradientTransform):
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
     ) -> None:
-        self.apply_to = check_choice("apply_to", apply_to, APPLY_TO)
-        super().__init__(params, skip_nonfinite=skip_nonfinite, foreach=foreach)
+        super().__init__(params, OrthoGradSettings(apply_to, skip_nonfinite=skip_nonfinite, foreach=foreach))
 
-    def set_parameters(self, params: Params) -> None:
-        super().set_parameters(params)
-        if self.apply_to == "matrices":
-            self._applies = {id(p) for p in self._params.values() if p.dim() >= 2}
-        else:
-            self._applies = set(self._names)
+    def _selects(self, param: Tensor) -> bool:
+        return self.settings.apply_to == "all" or param.dim() >= 2
 
-    def hparams(self) -> dict[str, Any]:
-        return {"apply_to": self.apply_to}
-
-    def _entries(self, params: Any) -> list[Entry]:
-        return [e for e in super()._entries(params) if id(e.param) in self._applies]
+    def _place(self, group: Group) -> None:
+        pass  # stateless
 
     def _stats(self, applied: bool, skipped_nonfinite: bool = False) -> OrthoGradStats:
         return OrthoGradStats(applied=applied, skipped_nonfinite=skipped_nonfinite)
 
-    def _apply(
-        self, groups: list[list[Entry]], foreach: list[bool], raw_norms: Optional[list[Tensor]], compute_stats: bool
-    ) -> OrthoGradStats:
-        assert raw_norms is not None
+    def _prepare(self, group: Group, compute_stats: bool) -> dict[str, Any]:
+        ws, gs = _flat(group.params), _flat(group.grads)  # gs: the gradients themselves, or float32 copies
+        # <w, w> rounds as <w, g> does: for a radial gradient the two roundings of one kind cancel
+        return {"sq_norms": sq_norms(gs), "wg": dots(ws, gs), "ww": dots(ws, ws), "ws": ws, "gs": gs}
+
+    def _apply(self, groups: list[Group], prepared: list[dict[str, Any]], compute_stats: bool) -> OrthoGradStats:
+        update = _single_tensor_orthograd if self.settings.foreach is False else _multi_tensor_orthograd
         radial = raw = 0.0
-        for group, fe, g_norms in zip(groups, foreach, raw_norms):
-            ws, gs = [e.param.detach() for e in group], [e.grad for e in group]
-            radial_sq = (_orthograd_foreach if fe else _orthograd_single)(ws, gs, g_norms)
+        for group, pre in zip(groups, prepared):
+            dtype = pre["gs"][0].dtype
+            wg, ww, g_norms = pre["wg"].to(dtype), pre["ww"].to(dtype), pre["sq_norms"].sqrt().to(dtype)
+            coef = _coefficients(wg, ww)
+            update(pre["ws"], pre["gs"], group.grads, g_norms, coef)
             if compute_stats:
-                radial += float(radial_sq.sum())
-                raw += float(g_norms.double().square().sum())
-        num = sum(len(g) for g in groups)
-        fraction = safe_div(math.sqrt(radial), math.sqrt(raw)) if compute_stats else None
+                radial += float((coef * wg).double().sum())
+                raw += float(pre["sq_norms"].sum())
+        num = sum(len(g.grads) for g in groups)
+        fraction = min(1.0, math.sqrt(radial / raw)) if compute_stats and raw > 0 else None  # rounding: at most 1
         return OrthoGradStats(applied=True, num_tensors=num, radial_fraction=fraction)

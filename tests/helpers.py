@@ -7,7 +7,9 @@ float64, so the package is checked against something written independently of it
 from __future__ import annotations
 
 import copy
+import csv
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -85,6 +87,19 @@ class NaiveMA:
             if self.feedback:
                 window[-1] = out[name].clone()
         return out
+
+
+def naive_orthograd(w: Tensor, g: Tensor) -> Tensor:
+    """⊥Grad of one tensor from the definition (arXiv 2501.04697), in float64: ``g_perp = g - (<w, g> / <w, w>) w``
+    rescaled to ``|g|``; a zero weight leaves ``g`` as it is; a gradient radial to float32 rounding (so any gradient of
+    a one-element tensor) becomes 0."""
+    w64, g64 = w.detach().double().reshape(-1), g.detach().double().reshape(-1)
+    if not bool(w64.any()):
+        return g64.reshape(g.shape).clone()
+    perp = g64 - (w64 @ g64) / (w64 @ w64) * w64
+    if perp.norm() <= 1e-6 * g64.norm():
+        return torch.zeros(g.shape, dtype=torch.float64)
+    return (perp * g64.norm() / perp.norm()).reshape(g.shape)
 
 
 def reference(kind: str, feedback: bool = False, **kwargs: Any) -> NaiveEMA | NaiveMA:
@@ -167,8 +182,7 @@ def state_tensors(obj: Any, seen: set[int] | None = None) -> list[Tensor]:
     if isinstance(obj, (list, tuple, set)):
         return [t for v in obj for t in state_tensors(v, seen)]
     if type(obj).__module__.startswith("lightning_grokfast"):
-        attrs = {**getattr(obj, "__dict__", {}), **{s: getattr(obj, s, None) for s in getattr(obj, "__slots__", ())}}
-        return state_tensors(attrs, seen)
+        return [t for v in vars(obj).values() for t in state_tensors(v, seen)]
     return []
 
 
@@ -181,6 +195,32 @@ def assert_no_alias(owner: Any, params: Iterable[Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- Lightning side
+
+
+def present(grads: Mapping[str, Tensor | None], names: Any = None) -> dict[str, Tensor]:
+    """The gradients that are there (of ``names`` only, if given)."""
+    return {n: g for n, g in grads.items() if g is not None and (names is None or n in names)}
+
+
+def norm(grads: Mapping[str, Tensor]) -> float:
+    """The global L2 norm of a set of tensors, in float64."""
+    return float(sum(g.double().square().sum() for g in grads.values())) ** 0.5
+
+
+def mus(state: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The EMA state tensors of an ``EMAFilter.state_dict()``, by parameter name."""
+    return {name: entry["mu"] for name, entry in state["state"].items()}
+
+
+def read_metrics(logger: Any) -> list[dict[str, str]]:
+    """The rows of a ``CSVLogger``'s ``metrics.csv``."""
+    with (Path(logger.log_dir) / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], key: str) -> dict[int, float]:
+    """The logged values of ``key``, by step."""
+    return {int(row["step"]): float(row[key]) for row in rows if row.get(key)}
 
 
 def snapshot(named_params: Iterable[tuple[str, Tensor]]) -> Grads:
@@ -286,6 +326,13 @@ class TinyModel(BoringModel):
         return DataLoader(self.data, batch_size=self.batch_size, shuffle=False)
 
     val_dataloader = train_dataloader
+
+
+class SGDModel(TinyModel):
+    """The tiny model with plain SGD (no momentum), so that ``w_new = w_old - lr * g``."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
 def make_trainer(

@@ -85,7 +85,7 @@ class Probe(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.mode == "resume":
-            torch.save(self.grokfast.grad_filter.state_dict(), self.out / f"restored_rank{trainer.global_rank}.pt")
+            torch.save(self.grokfast.transform.state_dict(), self.out / f"restored_rank{trainer.global_rank}.pt")
 
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
         if self.mode == "crash" and trainer.global_step == CRASH_AT:
@@ -116,7 +116,7 @@ def main(out: Path, devices: int, jobs: list[str]) -> None:
         )
         model = Indexed()
         trainer.fit(model, ckpt_path="last" if mode == "resume" else None)
-        final = {"model": model.state_dict(), "filter": grokfast.grad_filter.state_dict(), "seen": model.seen}
+        final = {"model": model.state_dict(), "filter": grokfast.transform.state_dict(), "seen": model.seen}
         final.update(global_step=trainer.global_step, collectives=Probe.calls)
         torch.save(final, out / name / f"final_rank{trainer.global_rank}.pt")
 
