@@ -25,6 +25,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_grokfast import GrokfastCallback, OrthoGradCallback  # noqa: F401  (the CLI's short names)
 
 
+def is_dtensor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (sharded by FSDP2 or tensor parallelism)."""
+    return type(tensor).__name__ == "DTensor" or hasattr(tensor, "device_mesh")
+
+
 class HeldOutData(LightningDataModule):
     """A data set split by a seeded permutation into a training and a held-out set, served a batch at a time.
 
@@ -98,6 +103,21 @@ class ClassificationTask(LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2 over its data-parallel mesh, each block of a ``ModuleList`` and then
+        the whole ``self.model``, so that every rank holds a piece of every parameter (and of the transforms' state).
+        Elsewhere, nothing: the model stays as it is."""
+        if self.device_mesh is None or any(is_dtensor(p) for p in self.parameters()):
+            return  # not sharded, or sharded already (Lightning calls this again for each fit, validate, ...)
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        model: torch.nn.Module = self.model  # type: ignore[assignment]
+        for blocks in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Cross-entropy of the outputs (logits) against the targets."""
@@ -218,6 +238,7 @@ class GrokkingReport(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Print the result line and write ``grokking.json`` and ``accuracy.png``."""
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: a collective with several
         if not trainer.is_global_zero:
             return
         result = self.summary(trainer)
@@ -232,7 +253,6 @@ class GrokkingReport(Callback):
             )
         else:
             print(f"steps_to_{pct}: {self.steps_to_threshold}", flush=True)
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         json_path = log_dir / "grokking.json"
         json_path.write_text(json.dumps(result))

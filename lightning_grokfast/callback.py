@@ -10,12 +10,11 @@ step), ``on_train_batch_end`` (what the optimizer stepped on counts as transform
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, ClassVar, Literal, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.strategies.xla import XLAStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -32,8 +31,16 @@ _TRANSFORMS: dict[type[Settings], type[GradientTransform[Any]]] = {
     MASettings: MAFilter,
     OrthoGradSettings: OrthoGrad,
 }
-# Gradients are sharded or not materialised where Lightning calls `on_before_optimizer_step`.
-_UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, XLAStrategy)
+# Strategies whose gradients are flat shards or not materialised where Lightning calls `on_before_optimizer_step`.
+_UNSUPPORTED = ("FSDPStrategy", "DeepSpeedStrategy", "XLAStrategy")
+
+
+def _unsupported(strategy: Any) -> bool:
+    """Whether ``strategy`` is (a subclass of) one of :data:`_UNSUPPORTED`, under the package name ``lightning`` or
+    ``pytorch_lightning`` (2.x installs both, with classes of their own)."""
+    packages = [sys.modules.get(name) for name in ("lightning.pytorch.strategies", "pytorch_lightning.strategies")]
+    classes = tuple(getattr(p, n) for p in packages if p is not None for n in _UNSUPPORTED if hasattr(p, n))
+    return isinstance(strategy, classes)
 
 
 def _logs_this_step(trainer: pl.Trainer) -> bool:
@@ -90,12 +97,13 @@ class _TransformCallback(Callback):
         if stage != TrainerFn.FITTING:
             return
         name = type(self).__name__
-        if isinstance(trainer.strategy, _UNSUPPORTED_STRATEGIES):
+        if _unsupported(trainer.strategy):
             raise ValueError(
-                f"{name} does not support {type(trainer.strategy).__name__}: its gradients are sharded or not "
+                f"{name} does not support {type(trainer.strategy).__name__}: its gradients are flat shards or not "
                 "materialised where Lightning calls `on_before_optimizer_step`, so the transform would be wrong or "
-                "a silent no-op. Supported: single device (CPU, CUDA, MPS) and the DDP family ('ddp', "
-                "'ddp_spawn', 'ddp_fork', 'ddp_notebook', any number of nodes)."
+                "a silent no-op. Supported: single device (CPU, CUDA, MPS), the DDP family ('ddp', 'ddp_spawn', "
+                "'ddp_fork', 'ddp_notebook', any number of nodes), and ModelParallelStrategy: to shard a model, call "
+                "`torch.distributed.fsdp.fully_shard` (FSDP2) in `configure_model` and train with it."
             )
         transforms = _transform_callbacks(trainer)
         twins = [cb for cb in transforms if cb._chain_order == self._chain_order]
@@ -339,7 +347,7 @@ class GrokfastCallback(_TransformCallback):
     def state_dict(self) -> dict[str, Any]:
         if self._transform is None:
             return {} if self._pending is None else {"filter": self._pending}
-        return {"filter": self._transform.state_dict()}
+        return {"filter": self._transform.state_dict(full_state_dict=True)}  # sharded: gathered, every rank
 
 
 class OrthoGradCallback(_TransformCallback):

@@ -22,12 +22,13 @@ from typing import Any, Literal, Optional, TypeVar
 import torch
 from torch import Tensor
 
+from lightning_grokfast._sharded import local
 from lightning_grokfast.settings import EMASettings, FilterSettings, MASettings
 from lightning_grokfast.transform import GradientTransform, Group, Params, check_tensor, compute_dtype
 
 F = TypeVar("F", bound=FilterSettings)
-Sums = tuple[Tensor, Tensor]  # <raw g, what was added> and |what was added|^2, summed over a group (float64)
-_NO_SUMS: Sums = (torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+Sums = tuple[Tensor, Tensor]  # per tensor of a group: <raw g, what was added> and |what was added|^2 (float64)
+_NO_SUMS: Sums = (torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,10 @@ def in_dtype(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return tensors if tensors[0].dtype == dtype else [t.to(dtype) for t in tensors]
 
 
-def _added_sums(grads: list[Tensor], slows: list[Tensor], scale: float) -> Sums:
-    """``(<g, scale * slow>, |scale * slow|^2)`` summed over the pairs."""
+def _added(grads: list[Tensor], slows: list[Tensor], scale: float) -> Sums:
+    """Per pair: ``<g, scale * slow>`` and ``|scale * slow|^2``."""
     flat = [g.reshape(-1) for g in grads], [s.reshape(-1) for s in slows]
-    return scale * dots(*flat).sum(), scale**2 * sq_norms(slows).sum()
+    return scale * dots(*flat), scale**2 * sq_norms(slows)
 
 
 class GradientFilter(GradientTransform[F]):
@@ -99,13 +100,14 @@ class GradientFilter(GradientTransform[F]):
         return compute_dtype(grad_dtype) if self.settings.fp32_state else grad_dtype
 
     def expected_state_bytes(self) -> int:
-        size = sum(p.numel() * self._state_dtype(p.dtype).itemsize for p in self._params.values())
+        size = sum(local(p).numel() * self._state_dtype(p.dtype).itemsize for p in self._params.values())
         return self.settings.copies() * size
 
     def _memory_rule(self) -> str:
         copies = self.settings.copies()
         what = "one copy" if copies == 1 else f"window_size + 1 = {copies} copies"
-        return f"{what} of {self.numel():,} parameter values"
+        mine = " (this rank's pieces)" if self._sharding is not None else ""
+        return f"{what} of {self.numel():,} parameter values{mine}"
 
     def _memory_advice(self) -> str:
         window = "Use the EMA filter (one copy) or a smaller `window_size`. " if self.settings.copies() > 1 else ""
@@ -122,8 +124,12 @@ class GradientFilter(GradientTransform[F]):
         num = sum(len(g.grads) for g in groups)
         if not compute_stats:
             return FilterStats(applied=True, num_tensors=num)
-        raw = float(sum(p["sq_norms"].sum() for p in prepared))
-        dot, slow = (float(sum(s[i] for s in sums)) for i in (0, 1))
+        raw = float(sum(p["sq_norms"].sum() for p in prepared))  # over all ranks' pieces already, when sharded
+        added = torch.stack([torch.stack([(v * (g.weights if g.weights is not None else 1)).sum() for v in s])
+                             for g, s in zip(groups, sums)]).sum(0)  # fmt: skip
+        if self._sharding is not None:
+            added = self._sharding.sum(added)
+        dot, slow = added.tolist()
         return FilterStats(
             applied=True,
             num_tensors=num,
@@ -142,22 +148,21 @@ class GradientFilter(GradientTransform[F]):
 
 
 def _single_tensor_ema(grads: list[Tensor], mus: list[Tensor], alpha: float, lamb: float, stats: bool) -> Sums:
-    dot, slow = _NO_SUMS
+    sums = []
     for g, mu in zip(grads, mus):
         raw = g.to(mu.dtype)
         mu.lerp_(raw, 1.0 - alpha)
         if stats:
-            d, s = _added_sums([raw], [mu], lamb)
-            dot, slow = dot + d, slow + s
+            sums.append(_added([raw], [mu], lamb))
         if lamb:
             g.add_(mu, alpha=lamb)
-    return dot, slow
+    return (torch.cat([d for d, _ in sums]), torch.cat([s for _, s in sums])) if stats else _NO_SUMS
 
 
 def _multi_tensor_ema(grads: list[Tensor], mus: list[Tensor], alpha: float, lamb: float, stats: bool) -> Sums:
     raw = in_dtype(grads, mus[0].dtype)
     torch._foreach_lerp_(mus, raw, 1.0 - alpha)
-    sums = _added_sums(raw, mus, lamb) if stats else _NO_SUMS
+    sums = _added(raw, mus, lamb) if stats else _NO_SUMS
     if lamb:
         torch._foreach_add_(grads, mus, alpha=lamb)
     return sums
@@ -232,8 +237,8 @@ def _ma_scale(count: int, window: int, lamb: float, warmup: bool, mean: bool) ->
 def _single_tensor_ma(
     grads: list[Tensor], states: list[dict[str, Any]], window: int, lamb: float, warmup: bool, mean: bool, stats: bool
 ) -> Sums:
-    dot, slow = _NO_SUMS
-    for g, st in zip(grads, states):
+    dot, slow = (torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device) for _ in range(2))
+    for i, (g, st) in enumerate(zip(grads, states)):
         ring, total = st["window"], st["sum"]
         slot = ring[st["count"] % window]  # the oldest gradient, overwritten below
         raw = g.to(total.dtype)
@@ -247,11 +252,10 @@ def _single_tensor_ma(
         scale = _ma_scale(st["count"], window, lamb, warmup, mean)
         if scale is not None:
             if stats:
-                d, s = _added_sums([raw], [total], scale)
-                dot, slow = dot + d, slow + s
+                dot[i], slow[i] = (v[0] for v in _added([raw], [total], scale))
             if scale:
                 g.add_(total, alpha=scale)
-    return dot, slow
+    return (dot, slow) if stats else _NO_SUMS
 
 
 def _multi_tensor_ma(
@@ -274,14 +278,13 @@ def _multi_tensor_ma(
         scale = _ma_scale(st["count"], window, lamb, warmup, mean)
         if scale is not None:
             by_scale.setdefault(scale, []).append(i)
-    dot, slow = _NO_SUMS
+    dot, slow = (torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device) for _ in range(2))
     for scale, idx in by_scale.items():
         if stats:
-            d, s = _added_sums([raw[i] for i in idx], [totals[i] for i in idx], scale)
-            dot, slow = dot + d, slow + s
+            dot[idx], slow[idx] = _added([raw[i] for i in idx], [totals[i] for i in idx], scale)
         if scale:
             torch._foreach_add_([grads[i] for i in idx], [totals[i] for i in idx], alpha=scale)
-    return dot, slow
+    return (dot, slow) if stats else _NO_SUMS
 
 
 class MAFilter(GradientFilter[MASettings]):

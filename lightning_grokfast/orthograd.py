@@ -58,6 +58,14 @@ def _flat(tensors: list[Tensor]) -> list[Tensor]:
     return [t.reshape(-1).to(dtype) for t in tensors]
 
 
+def _exact_dots(w: Tensor, g: Tensor) -> Tensor:
+    """``|g|^2, <w, g>, <w, w>`` of one pair in float64 from float64 copies: sums of products without rounding
+    (float32 products are exact in float64), so that a sum over pieces gives ``|g_perp|`` to far below the radial
+    tolerance. One pair at a time, so that the copies stay one tensor's size."""
+    w64, g64 = w.double(), g.double()
+    return torch.stack([torch.dot(g64, g64), torch.dot(w64, g64), torch.dot(w64, w64)])
+
+
 def _coefficients(wg: Tensor, ww: Tensor) -> Tensor:
     """``<w, g> / <w, w>`` per pair, 0 where ``w`` is 0."""
     return torch.where(ww > 0, wg / ww, torch.zeros_like(ww))
@@ -71,21 +79,23 @@ def _rescale(perp_norms: Tensor, g_norms: Tensor, grad_dtype: torch.dtype) -> Te
 
 
 def _single_tensor_orthograd(
-    ws: list[Tensor], gs: list[Tensor], out: list[Tensor], g_norms: Tensor, coef: Tensor
+    ws: list[Tensor], gs: list[Tensor], out: list[Tensor], g_norms: Tensor, coef: Tensor, perp: Optional[Tensor]
 ) -> None:
-    for w, g, o, c, g_norm in zip(ws, gs, out, coef, g_norms):
+    for i, (w, g, o, c, g_norm) in enumerate(zip(ws, gs, out, coef, g_norms)):
         g.addcmul_(w, c, value=-1.0)
-        g.mul_(_rescale(torch.linalg.vector_norm(g), g_norm, o.dtype))
+        g.mul_(_rescale(torch.linalg.vector_norm(g) if perp is None else perp[i], g_norm, o.dtype))
         if g.data_ptr() != o.data_ptr():
             o.copy_(g.view_as(o))
 
 
 def _multi_tensor_orthograd(
-    ws: list[Tensor], gs: list[Tensor], out: list[Tensor], g_norms: Tensor, coef: Tensor
+    ws: list[Tensor], gs: list[Tensor], out: list[Tensor], g_norms: Tensor, coef: Tensor, perp: Optional[Tensor]
 ) -> None:
-    """``gs``: flat float32-or-wider views or copies of the gradients ``out``; ``ws``: flat weights, alike."""
+    """``gs``: flat float32-or-wider views or copies of the gradients ``out``; ``ws``: flat weights, alike;
+    ``perp``: the norms of the orthogonal parts when known (sharded), else taken after the projection."""
     torch._foreach_addcmul_(gs, ws, list(coef.unbind()), value=-1.0)
-    scale = _rescale(torch.stack(torch._foreach_norm(gs)), g_norms, out[0].dtype)
+    perp = torch.stack(torch._foreach_norm(gs)) if perp is None else perp
+    scale = _rescale(perp, g_norms, out[0].dtype)
     torch._foreach_mul_(gs, list(scale.unbind()))
     copies = [(o, g.view_as(o)) for g, o in zip(gs, out) if g.data_ptr() != o.data_ptr()]
     if copies:  # 16-bit or non-contiguous gradients were worked on in a copy
@@ -137,6 +147,9 @@ class OrthoGrad(GradientTransform[OrthoGradSettings]):
 
     def _prepare(self, group: Group, compute_stats: bool) -> dict[str, Any]:
         ws, gs = _flat(group.params), _flat(group.grads)  # gs: the gradients themselves, or float32 copies
+        if self._sharding is not None:  # exact sums of the pieces, from which |g_perp| follows (see _apply)
+            exact = torch.stack([_exact_dots(w, g) for w, g in zip(ws, gs)]).T
+            return {"sq_norms": exact[0], "wg": exact[1], "ww": exact[2], "ws": ws, "gs": gs}
         # <w, w> rounds as <w, g> does: for a radial gradient the two roundings of one kind cancel
         return {"sq_norms": sq_norms(gs), "wg": dots(ws, gs), "ww": dots(ws, ws), "ws": ws, "gs": gs}
 
@@ -145,9 +158,13 @@ class OrthoGrad(GradientTransform[OrthoGradSettings]):
         radial = raw = 0.0
         for group, pre in zip(groups, prepared):
             dtype = pre["gs"][0].dtype
+            perp = None
+            if self._sharding is not None:  # the pieces' sums are global: |g_perp|^2 = |g|^2 - <w, g>^2 / <w, w>
+                along = torch.where(pre["ww"] > 0, pre["wg"].square() / pre["ww"], torch.zeros_like(pre["ww"]))
+                perp = (pre["sq_norms"] - along).clamp_min(0).sqrt().to(dtype)
             wg, ww, g_norms = pre["wg"].to(dtype), pre["ww"].to(dtype), pre["sq_norms"].sqrt().to(dtype)
             coef = _coefficients(wg, ww)
-            update(pre["ws"], pre["gs"], group.grads, g_norms, coef)
+            update(pre["ws"], pre["gs"], group.grads, g_norms, coef, perp)
             if compute_stats:
                 radial += float((coef * wg).double().sum())
                 raw += float(pre["sq_norms"].sum())

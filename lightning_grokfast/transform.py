@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Generic, Optional, TypeVar, Union
 import torch
 from torch import Tensor
 
+from lightning_grokfast._sharded import Sharding, is_sharded, local, sharding_of
 from lightning_grokfast.settings import Settings
 
 Params = Union[Iterable[Tensor], Iterable[tuple[str, Tensor]]]
@@ -68,6 +69,7 @@ def format_bytes(n: float) -> str:
 
 
 OVERFLOW = "<overflow>"  # what nonfinite() returns for finite values whose norm overflows
+ELSEWHERE = "<another rank>"  # a sharded step's non-finite value in another rank's piece
 
 
 def nonfinite(grads: list[Tensor], names: list[str], sq_norms: Optional[Tensor] = None) -> Optional[str]:
@@ -78,7 +80,10 @@ def nonfinite(grads: list[Tensor], names: list[str], sq_norms: Optional[Tensor] 
     gradients by the kernel GradScaler uses (no result tensor per gradient). Only a bad step scans for the name.
     """
     if sq_norms is not None:
-        if bool(torch.isfinite(sq_norms).all()):
+        usable = torch.isfinite(sq_norms)
+        if compute_dtype(grads[0].dtype) == torch.float32:  # and a norm the arithmetic can hold
+            usable &= sq_norms <= torch.finfo(torch.float32).max ** 2
+        if bool(usable.all()):
             return None
     else:
         found = torch.zeros(1, device=grads[0].device)
@@ -129,9 +134,10 @@ class Group:
     """The parameters of one step whose gradients share a device and dtype, with their state (parallel lists)."""
 
     names: list[str] = field(default_factory=list)
-    params: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
+    params: list[Tensor] = field(default_factory=list)  # this rank's pieces, when sharded
+    grads: list[Tensor] = field(default_factory=list)  # likewise
     states: list[dict[str, Any]] = field(default_factory=list)
+    weights: Optional[Tensor] = None  # sharded: 1 / replicas of each piece, so that a sum over ranks counts it once
 
     def state(self, key: str) -> list[Any]:
         """One state entry of every parameter, in order."""
@@ -196,14 +202,15 @@ class GradientTransform(Generic[S]):
                 self._params[name] = p
                 self._names[id(p)] = name
         self._all = {id(p) for _, p in pairs}  # registered, whether this transform selects them or not
+        self._sharding: Optional[Sharding] = sharding_of(self._params)  # DTensor parameters: their mesh
 
     def is_registered(self, param: Tensor) -> bool:
         """Whether ``param`` is one of the registered parameters."""
         return id(param) in self._all
 
     def numel(self) -> int:
-        """Number of elements of the parameters this transform acts on."""
-        return sum(p.numel() for p in self._params.values())
+        """Number of elements of the parameters this transform acts on (of their pieces on this rank, when sharded)."""
+        return sum(local(p).numel() for p in self._params.values())
 
     def _selects(self, param: Tensor) -> bool:
         """Whether this transform acts on ``param`` at all (⊥Grad's ``apply_to``)."""
@@ -289,12 +296,15 @@ class GradientTransform(Generic[S]):
             if not groups:
                 return self._stats(applied=False)
             prepared = [self._prepare(g, compute_stats) for g in groups]
+            reason = None
             if self.settings.skip_nonfinite:
                 bad = [nonfinite(g.grads, g.names, p.get("sq_norms")) for g, p in zip(groups, prepared)]
                 reason = next((b for b in bad if b is not None), None)
-                if reason is not None:
-                    self._on_nonfinite(reason)
-                    return self._stats(applied=False, skipped_nonfinite=True)
+            if self._sharding is not None:
+                reason = self._agree(groups, prepared, reason)
+            if reason is not None:
+                self._on_nonfinite(reason)
+                return self._stats(applied=False, skipped_nonfinite=True)
             if self._unplaced:  # the first step since a load
                 self._check_fresh(groups)
             for g in groups:
@@ -310,6 +320,7 @@ class GradientTransform(Generic[S]):
         what clipping or another transform wrote after this one counts as transformed too."""
         mark = self._mark
         for g in grads:
+            g = local(g) if self._sharding is not None else g  # the piece _gather reads
             setattr(g, mark, g._version)
 
     def _gather(self, params: Optional[Iterable[Tensor]]) -> list[Group]:
@@ -319,11 +330,13 @@ class GradientTransform(Generic[S]):
         else:
             pairs = [(self._name_of(p), p) for p in params]
         groups: dict[tuple[torch.device, torch.dtype], Group] = {}
-        repeated, mark = [], self._mark
+        repeated, mark, sharded = [], self._mark, self._sharding is not None
         for name, p in pairs:
             g = p.grad
             if g is None or not name:
                 continue
+            if sharded:
+                p, g = local(p), local(g)
             if getattr(g, mark, None) == g._version:
                 repeated.append(name)
                 continue
@@ -337,7 +350,27 @@ class GradientTransform(Generic[S]):
             group.grads.append(g)
         if repeated:
             self._on_repeated(repeated)
+        if self._sharding is not None:
+            for group in groups.values():
+                group.weights = self._sharding.weights(group.names, group.grads[0].device)
         return list(groups.values())
+
+    def _agree(self, groups: list[Group], prepared: list[dict[str, Any]], reason: Optional[str]) -> Optional[str]:
+        """Sharded: add up every rank's partial reductions (in place in ``prepared``) and its non-finite verdict, in
+        one all-reduce, so that every rank decides and computes as one process would."""
+        assert self._sharding is not None
+        device = groups[0].grads[0].device
+        keys = [(i, k) for i, pre in enumerate(prepared) for k in sorted(pre) if isinstance(pre[k], Tensor)]
+        flags = [float(reason is not None and reason != OVERFLOW), float(reason == OVERFLOW)]
+        parts = [torch.tensor(flags, dtype=torch.float64, device=device)]
+        parts += [prepared[i][k].to(device, torch.float64) * groups[i].weights.to(device) for i, k in keys]  # type: ignore[union-attr]
+        total = torch.split(self._sharding.sum(torch.cat(parts)), [len(p) for p in parts])
+        for (i, k), value in zip(keys, total[1:]):
+            prepared[i][k] = value.to(prepared[i][k].device)
+        bad, overflow = total[0].tolist()
+        if bad:
+            return reason if reason not in (None, OVERFLOW) else ELSEWHERE
+        return OVERFLOW if overflow else None
 
     def _name_of(self, param: Tensor) -> str:
         """The name of a registered parameter; ``""`` for one registered but not selected."""
@@ -382,11 +415,10 @@ class GradientTransform(Generic[S]):
     def _on_nonfinite(self, reason: str) -> None:
         """Warn at the first skipped step (later ones are counted only)."""
         if self.skipped_steps == 0:
-            what = (
-                "the gradients are finite, but their norm overflows their dtype"
-                if reason == OVERFLOW
-                else f"the gradient of {reason!r} holds inf or NaN"
-            )
+            what = {
+                OVERFLOW: "the gradients are finite, but their norm overflows their dtype",
+                ELSEWHERE: "another rank's piece of a gradient holds inf or NaN",
+            }.get(reason, f"the gradient of {reason!r} holds inf or NaN")
             warnings.warn(
                 f"{type(self).__name__}: {what}; this step was skipped, the state and the gradients left as they "
                 "were. Further skips are counted in `skipped_steps` without a warning.",
@@ -433,15 +465,25 @@ class GradientTransform(Generic[S]):
         """Refuse a loaded state entry that does not fit ``param``."""
 
     # ------------------------------------------------------------------ state dict
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, full_state_dict: bool = False) -> dict[str, Any]:
         """The whole state, keyed by parameter name: tensors, numbers and strings only (loads with
-        ``weights_only=True``). The tensors are the live state, as in ``torch.optim``; copy them to keep a snapshot."""
-        return {
-            "kind": self.settings.kind,
-            "hparams": self.settings.describe(),
-            "skipped_steps": self.skipped_steps,
-            "state": {name: dict(entry) for name, entry in self.state.items()},
-        }
+        ``weights_only=True``). The tensors are the live state, as in ``torch.optim``; copy them to keep a snapshot.
+
+        Args:
+            full_state_dict: with sharded (DTensor) parameters, ``False`` gives each state tensor as a DTensor of this
+                rank's piece (what ``torch.distributed.checkpoint`` saves shard by shard), ``True`` gathers each whole
+                onto CPU, on every rank (a collective: every rank calls it). Without sharded parameters both give
+                the tensors themselves.
+        """
+        state: dict[str, Any] = {name: dict(entry) for name, entry in self.state.items()}
+        if self._sharding is not None:
+            convert = self._sharding.whole if full_state_dict else self._sharding.dtensor
+            state = {
+                name: {k: convert(name, v) if isinstance(v, Tensor) else v for k, v in state[name].items()}
+                for name in sorted(state)  # one order on every rank: gathering is a collective
+            }
+        return {"kind": self.settings.kind, "hparams": self.settings.describe(), "skipped_steps": self.skipped_steps,
+                "state": state}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` (a copy of it; it moves next to the gradients at the next step).
@@ -455,7 +497,10 @@ class GradientTransform(Generic[S]):
         mismatch = self.settings.mismatch(state_dict["kind"], state_dict.get("hparams", {}))
         if mismatch:
             raise ValueError(mismatch[0].upper() + mismatch[1:] + ".")
-        loaded = {canonical_name(name): entry for name, entry in state_dict["state"].items()}
+        loaded = {  # a sharded state as a whole: gathering is a collective, called in one order everywhere
+            canonical_name(name): {k: v.full_tensor() if is_sharded(v) else v for k, v in entry.items()}
+            for name, entry in sorted(state_dict["state"].items())
+        }
         unknown = sorted(set(loaded) - set(self._params))
         if unknown:
             shown = ", ".join(repr(n) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
@@ -472,11 +517,15 @@ class GradientTransform(Generic[S]):
                         "Resume from an earlier checkpoint."
                     )
         self.state = {
-            name: {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
+            name: {k: self._own(name, v) if isinstance(v, Tensor) else v for k, v in entry.items()}
             for name, entry in loaded.items()
         }
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self._unplaced = True
+
+    def _own(self, name: str, value: Tensor) -> Tensor:
+        """A copy of a loaded state tensor of ``name``: this rank's piece of it, when sharded."""
+        return value.detach().clone() if self._sharding is None else self._sharding.piece(name, value.detach())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.settings.describe().items()) + ")"

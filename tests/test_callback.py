@@ -8,10 +8,10 @@ filtered tensor must agree with the float64 reference to 1e-6 of the size of the
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -39,10 +39,9 @@ from helpers import (
     regression_data,
     replay,
 )
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -283,21 +282,29 @@ class SubclassedFSDP(FSDPStrategy):
     """A user's subclass of FSDP: refused as FSDP."""
 
 
-def deepspeed() -> Strategy:
+def strategy(package: str, name: str) -> Strategy:
+    """An instance of ``package.strategies.name`` (``pytorch_lightning`` has classes of its own); uninitialised where
+    the constructor needs what is missing here (DeepSpeed)."""
+    cls = getattr(importlib.import_module(f"{package}.strategies"), name)
     try:
-        return DeepSpeedStrategy()
-    except MisconfigurationException:  # not installed: an uninitialised instance of the real class serves
-        return DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+        return cls()
+    except Exception:
+        return cls.__new__(cls)
 
 
-@pytest.mark.parametrize("make", [FSDPStrategy, SubclassedFSDP, deepspeed], ids=["fsdp", "fsdp-subclass", "deepspeed"])
+PACKAGES, REFUSED = ("lightning.pytorch", "pytorch_lightning"), ("FSDPStrategy", "DeepSpeedStrategy")
+REFUSED = [(package, name) for package in PACKAGES for name in REFUSED]
+
+
+@pytest.mark.parametrize("refused", [*REFUSED, None], ids=["fsdp", "deepspeed", "pl-fsdp", "pl-deepspeed", "subclass"])
 @pytest.mark.parametrize("cls", [GrokfastCallback, OrthoGradCallback])
-def test_unsupported_strategies_are_refused_in_setup(make: Callable[[], Strategy], cls: type) -> None:
-    """Lightning refuses FSDP on CPU before any callback runs and DeepSpeed may be missing: ``setup`` is called
-    directly, on a real Trainer whose strategy is swapped for the instance."""
+def test_unsupported_strategies_are_refused_in_setup_naming_the_way_to_shard(refused: Any, cls: type) -> None:
+    """FSDP1 and DeepSpeed, under either package name, and a user's subclass: Lightning refuses FSDP on CPU before any
+    callback runs and DeepSpeed may be missing, so ``setup`` is called directly, on a real Trainer whose strategy is
+    swapped."""
     trainer = make_trainer()
-    trainer._accelerator_connector.strategy = make()
-    with pytest.raises(ValueError, match=f"does not support {type(trainer.strategy).__name__}.*Supported: single"):
+    trainer._accelerator_connector.strategy = SubclassedFSDP() if refused is None else strategy(*refused)
+    with pytest.raises(ValueError, match=f"does not support {type(trainer.strategy).__name__}.*ModelParallelStrategy"):
         cls().setup(trainer, TinyModel(), "fit")
 
 
