@@ -5,8 +5,9 @@ jobs on the machine do not inflate a case) run by ``blocked_autorange``; ``Compa
 followed by ratios of medians of this one run (``A / B``: below 1, A is faster). Sections: 1. ours vs the authors'
 loops (restated below from their description); 2. vs the memory floor; 3. vs AdamW; 4. share of the example's
 training step; 5. MA window independence; 6. ``compute_stats``; 7. bfloat16 with and without the float32 state;
-8. OrthoGrad and fused GrokFastAdamW vs peers (optional packages: "not installed" when absent); then the state
-bytes per parameter byte and, on CUDA, ``torch.cuda.max_memory_allocated`` during each case.
+8. OrthoGrad and fused GrokFastAdamW vs peers (optional packages: "not installed" when absent); 9. the fused kernels
+(``fused=True``) vs the multi-tensor path, AdamW(fused=True) and the floor, and their first (compiling) step; then
+the state bytes per parameter byte and, on CUDA, ``torch.cuda.max_memory_allocated`` during each case.
 
 The filters change ``.grad`` in place and are timed back to back on the same gradients, so all run with
 ``lamb=1e-6``, which keeps the gradients finite over millions of calls; the work does not depend on ``lamb``.
@@ -31,6 +32,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._inductor.utils import fresh_inductor_cache
 from torch.autograd.graph import increment_version
 from torch.utils import benchmark
 
@@ -44,13 +46,14 @@ VOCAB, SEQ = 99, 4  # the example: x * y mod 97, vocabulary p + 2, context 4
 Table = dict[str, dict[str, dict[str, Any]]]
 TITLES = {
     "authors": "1. Ours vs the authors' loops",
-    "floor": "2. EMA vs the memory floor (one _foreach_lerp_ of a state toward the gradients)",
-    "adamw": "3. Filter step vs an AdamW step (foreach=True) on the same parameters",
+    "floor": "2. EMA vs the memory floor (one read and one write of the gradients: _foreach_copy_)",
+    "adamw": "3. Filter step vs an AdamW step (foreach=True, and fused=True) on the same parameters",
     "train": "4. EMA share of the example's training step (forward + backward + Adam)",
     "window": "5. MA window independence (medians of table 1)",
     "stats": "6. EMA step(compute_stats=True) vs step()",
     "bf16": "7. bfloat16 parameters: EMA with fp32_state=True vs False",
     "orthograd": "8. OrthoGrad and fused GrokFastAdamW vs peers",
+    "fused": "9. Fused kernels (fused=True: torch.compile) vs the multi-tensor path, AdamW(fused=True) and the floor",
     "memory": "Memory: filter state bytes / parameter bytes (state_bytes() after the timed steps; OrthoGrad has none)",
 }
 EMA, MA10, MA100 = "EMA (ours)", "MA w10 (ours)", "MA w100 (ours)"
@@ -58,17 +61,24 @@ A_EMA, A_MA10, A_MA100 = "EMA (authors')", "MA w10 (authors')", "MA w100 (author
 OG, OG_LOOP, OG_REF = "OrthoGrad (ours, foreach)", "OrthoGrad (ours, foreach=False)", "OrthoGrad reference loop"
 PO_OG, PO_OG_FE = "pytorch_optimizer OrthoGrad", "pytorch_optimizer OrthoGrad foreach=True"
 EMA_ADAMW, PO_GF = "EMA + AdamW step (ours)", "pytorch_optimizer GrokFastAdamW"
+EMA_FADAMW, FADAMW = "EMA + AdamW(fused=True) step (ours)", "AdamW step (fused=True)"
+FUSED = {"EMA": "EMA (ours, fused)", "MA w10": "MA w10 (ours, fused)", "OrthoGrad": "OrthoGrad (ours, fused)"}
+UNCHECKED = "EMA (ours, fused, skip_nonfinite=False)"  # the kernel alone: no read of the gradients for inf/NaN
+MULTI = {"EMA": EMA, "MA w10": MA10, "OrthoGrad": OG}
 PO_GF_FE, LU_GF = "pytorch_optimizer GrokFastAdamW foreach=True", "grokfast_pytorch GrokFastAdamW"
 RATIOS: dict[str, list[tuple[str, str]]] = {  # section: (numerator row, denominator row); "window" reads table 1
     "authors": [(EMA, A_EMA), (MA10, A_MA10), (MA100, A_MA100)],
     "floor": [(EMA, "floor")],
-    "adamw": [(EMA, "AdamW step"), (MA10, "AdamW step"), (OG, "AdamW step")],
+    "adamw": [(EMA, "AdamW step"), (MA10, "AdamW step"), (OG, "AdamW step"), (EMA, FADAMW)],
     "train": [("EMA step", "training step")],
     "window": [(MA100, MA10), (A_MA100, A_MA10)],
     "stats": [("compute_stats=True", "step()")],
     "bf16": [("fp32_state=True", "fp32_state=False")],
     "orthograd": [(OG, OG_REF), (OG_LOOP, OG_REF), (OG, PO_OG), (OG, PO_OG_FE)]
-    + [(EMA_ADAMW, peer) for peer in (PO_GF, PO_GF_FE, LU_GF)],
+    + [(ours, peer) for ours in (EMA_ADAMW, EMA_FADAMW) for peer in (PO_GF, PO_GF_FE, LU_GF)],
+    "fused": [(FUSED[k], MULTI[k]) for k in FUSED]
+    + [(FUSED[k], FADAMW) for k in FUSED]
+    + [(UNCHECKED, FADAMW), (FUSED["EMA"], "floor"), (UNCHECKED, "floor")],
 }
 
 
@@ -141,7 +151,7 @@ def transformer() -> nn.Module:
 
 def build_shapes(quick: bool, device: torch.device, dtype: torch.dtype = torch.float32) -> list[Shape]:
     torch.manual_seed(0)
-    layers, width = (30, 128) if quick else (300, 2048)
+    layers, width = (30, 128) if quick else (300, 2500)  # wide-mlp: 25M parameters in 8 tensors
     small = nn.Sequential(*(m for _ in range(layers) for m in (nn.Linear(32, 32), nn.LayerNorm(32))))
     wide = nn.Sequential(*(nn.Linear(width, width) for _ in range(4)))
     models = {"many-small": small, "transformer": transformer(), "wide-mlp": wide}
@@ -238,16 +248,18 @@ def sections_per_shape(b: Bench, s: Shape) -> None:
         del f
         gc.collect()
     ema = EMAFilter(s.fresh(), ALPHA, LAMB)
-    floor_state = [g.clone() for g in s.pool]  # the floor reads the pool of gradients, writes its own state
+    floor_state = [g.clone() for g in s.pool]  # the floor reads the pool of gradients, writes its own copy
     b.time("floor", EMA, col, ema.step)
-    b.time("floor", "floor", col, lambda: torch._foreach_lerp_(floor_state, s.pool, 1 - ALPHA))
+    b.time("floor", "floor", col, lambda: torch._foreach_copy_(floor_state, s.pool))
     ma, og = MAFilter(s.fresh(), 10, LAMB), OrthoGrad(s.fresh())
     for _ in range(10):
         increment_version([p.grad for p in s.params])
         ma.step()
     adamw = torch.optim.AdamW(s.params, foreach=True)  # the first call of each timer (a warm-up) makes the state
+    fused_adamw = torch.optim.AdamW(s.params, fused=True)
     for row, fn in ((EMA, ema.step), (MA10, ma.step), (OG, og.step), ("AdamW step", adamw.step)):
         b.time("adamw", row, col, fn)
+    b.time("adamw", FADAMW, col, fused_adamw.step)
     b.time("stats", "step()", col, ema.step)
     b.time("stats", "compute_stats=True", col, lambda: ema.step(compute_stats=True))
     b.time("orthograd", OG, col, og.step)
@@ -258,11 +270,45 @@ def sections_per_shape(b: Bench, s: Shape) -> None:
         peer = po_og(torch.optim.SGD(s.params, lr=0.0), foreach=fe) if po_og else None
         b.time("orthograd", row, col, (lambda p=peer: p.apply_orthogonal_gradients(s.params)) if peer else None)
     b.time("orthograd", EMA_ADAMW, col, lambda: (ema.step(), adamw.step()))
+    b.time("orthograd", EMA_FADAMW, col, lambda: (ema.step(), fused_adamw.step()))
     lu_gf = optional("grokfast_pytorch", "GrokFastAdamW")
     for row, cls, kw in ((PO_GF, po_gf, {}), (PO_GF_FE, po_gf, {"foreach": True}), (LU_GF, lu_gf, {})):
         opt = cls(s.params, grokfast_lamb=LAMB, **kw) if cls else None
         b.time("orthograd", row, col, opt.step if opt else None)
     b.skipped += ema.skipped_steps
+    if not b.args.quick or s.name == "wide-mlp":  # --quick: one model, few tensors, to keep the compilations short
+        fused_section(b, s, fused_adamw, floor_state)
+
+
+def fused_section(b: Bench, s: Shape, fused_adamw: torch.optim.Optimizer, floor_state: list[Tensor]) -> None:
+    """Section 9 on one model: each transform's multi-tensor and fused step, the fused AdamW step and the floor, and
+    the first fused step, which compiles (from cold caches: the cost a user meets the first time) and after how many
+    steps that pays."""
+    col = s.name
+    for kind, make in (("EMA", lambda **k: EMAFilter(s.fresh(), ALPHA, LAMB, **k)),
+                       ("MA w10", lambda **k: MAFilter(s.fresh(), 10, LAMB, **k)),
+                       ("OrthoGrad", lambda **k: OrthoGrad(s.fresh(), **k))):  # fmt: skip
+        multi, fused = make(), make(fused=True)
+        torch._dynamo.reset()
+        with fresh_inductor_cache():  # a cold start: no kernel compiled before, in this process or on disk
+            start = time.perf_counter()
+            fused.step()
+            b.extra["fused"][f"first step, {kind} (s)"][col] = time.perf_counter() - start
+        for transform in (multi, fused):
+            for _ in range(10):  # full windows
+                increment_version([p.grad for p in s.params])
+                transform.step()
+        b.time("fused", MULTI[kind], col, multi.step)
+        b.time("fused", FUSED[kind], col, fused.step)
+        saved = b.medians["fused"][MULTI[kind]][col] - b.medians["fused"][FUSED[kind]][col]
+        b.extra["fused"][f"steps for the compilation to pay, {kind}"][col] = (
+            b.extra["fused"][f"first step, {kind} (s)"][col] / saved if saved > 0 else None
+        )
+    unchecked = EMAFilter(s.fresh(), ALPHA, LAMB, skip_nonfinite=False, fused=True)
+    unchecked.step()
+    b.time("fused", UNCHECKED, col, unchecked.step)
+    b.time("fused", FADAMW, col, fused_adamw.step)
+    b.time("fused", "floor", col, lambda: torch._foreach_copy_(floor_state, s.pool))
 
 
 def train_section(b: Bench, quick: bool) -> None:

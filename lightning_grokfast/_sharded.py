@@ -3,8 +3,9 @@ pieces, and each state tensor as a whole. Plain PyTorch.
 
 The filters are elementwise, so each rank filters its own piece of every gradient and keeps the state of that piece
 only. What needs the whole tensor, a norm or a dot product, is summed over the pieces: each rank's partial sums,
-divided by the number of ranks that hold the same piece (its replicas), are added up by one all-reduce over the
-mesh, so every rank gets the sum one process would compute.
+divided by the number of ranks that hold the same piece (its replicas), are added up by an all-reduce, so every rank
+gets the sum one process would compute. A step takes one (the non-finite verdict, and ⊥Grad's dot products); ⊥Grad
+a second, for the norms of its projections; the statistics of a logging step one more.
 """
 
 from __future__ import annotations

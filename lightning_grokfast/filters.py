@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, TypeVar
 import torch
 from torch import Tensor
 
+from lightning_grokfast import _fused
 from lightning_grokfast._sharded import local
 from lightning_grokfast.settings import EMASettings, FilterSettings, MASettings
 from lightning_grokfast.transform import GradientTransform, Group, Params, check_tensor, compute_dtype
@@ -168,6 +169,25 @@ def _multi_tensor_ema(grads: list[Tensor], mus: list[Tensor], alpha: float, lamb
     return sums
 
 
+def _ema_kernel(grads: list[Tensor], mus: list[Tensor], weight: float, lamb: float, stats: bool) -> Optional[Tensor]:
+    """What :func:`_fused_ema` compiles: per tensor, one read and one write of gradient and state."""
+    rows = []
+    for g, mu in zip(grads, mus):
+        raw = g.to(mu.dtype, copy=True)  # not an alias of g, which the graph writes
+        new = torch.lerp(mu, raw, weight)
+        mu.copy_(new)
+        if stats:
+            rows.append(torch.stack([lamb * (raw * new).sum(), lamb * lamb * (new * new).sum()]).double())
+        if lamb:
+            g.copy_(raw + lamb * new)
+    return torch.stack(rows) if stats else None
+
+
+def _fused_ema(grads: list[Tensor], mus: list[Tensor], alpha: float, lamb: float, stats: bool) -> Sums:
+    sums = _fused.run(_ema_kernel, (grads, mus), (), 1.0 - alpha, lamb, stats)
+    return (sums[:, 0], sums[:, 1]) if stats else _NO_SUMS
+
+
 class EMAFilter(GradientFilter[EMASettings]):
     """Grokfast-EMA (the paper's Algorithm 2): add an amplified exponential moving average of the gradient.
 
@@ -184,6 +204,8 @@ class EMAFilter(GradientFilter[EMASettings]):
             bfloat16 EMA stops moving once ``(1 - alpha) * |g - mu|`` falls below its resolution.
         skip_nonfinite: skip steps whose gradients hold inf or NaN, leaving state and gradients untouched.
         foreach: multi-tensor ``torch._foreach_*`` path (``None``/``True``) or a per-tensor loop (``False``).
+        fused: one fused kernel per group, built by ``torch.compile`` at the first step (see
+            :class:`~lightning_grokfast.settings.Settings`).
 
     Example::
 
@@ -206,9 +228,10 @@ class EMAFilter(GradientFilter[EMASettings]):
         fp32_state: bool = True,
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ) -> None:
-        settings = EMASettings(alpha, lamb, fp32_state=fp32_state, skip_nonfinite=skip_nonfinite, foreach=foreach)
-        super().__init__(params, settings)
+        options: dict[str, Any] = {"fp32_state": fp32_state, "skip_nonfinite": skip_nonfinite, "foreach": foreach}
+        super().__init__(params, EMASettings(alpha, lamb, fused=fused, **options))
 
     def _init_state(self, name: str, grad: Tensor) -> dict[str, Any]:
         mu = grad.to(self._state_dtype(grad.dtype), copy=True, memory_format=torch.preserve_format)
@@ -219,7 +242,7 @@ class EMAFilter(GradientFilter[EMASettings]):
         check_tensor(name, "mu", entry.get("mu"), tuple(param.shape))
 
     def _filter(self, group: Group, compute_stats: bool) -> Sums:
-        update = _single_tensor_ema if self.settings.foreach is False else _multi_tensor_ema
+        update = {"single": _single_tensor_ema, "multi": _multi_tensor_ema, "fused": _fused_ema}[group.path]
         return update(group.grads, group.state("mu"), self.settings.alpha, self.settings.lamb, compute_stats)
 
 
@@ -287,6 +310,41 @@ def _multi_tensor_ma(
     return (dot, slow) if stats else _NO_SUMS
 
 
+def _ma_kernel(
+    grads: list[Tensor], slots: list[Tensor], totals: list[Tensor], wrapped: Tensor, scales: Tensor, stats: bool
+) -> Optional[Tensor]:
+    """What :func:`_fused_ma` compiles: per tensor, the ring write, the running sum and the add in one pass.
+    ``wrapped``: 1 where the slot holds the oldest gradient (the ring is full), else 0; ``scales``: the factor of the
+    sum added to the gradient, 0 where warm-up leaves it as it is."""
+    rows = []
+    for i, (g, slot, total) in enumerate(zip(grads, slots, totals)):
+        raw = g.to(total.dtype, copy=True)  # not an alias of g, which the graph writes
+        new = total - slot * wrapped[i] + raw
+        total.copy_(new)
+        # a select that always takes raw: written as a plain copy of g, inductor (torch 2.13) stores g's new value
+        slot.copy_(torch.where(wrapped[i] <= 1, raw, new))
+        if stats:
+            rows.append(torch.stack([scales[i] * (raw * new).sum(), scales[i].square() * (new * new).sum()]).double())
+        g.copy_(torch.where(scales[i] != 0, raw + scales[i] * new, raw))
+    return torch.stack(rows) if stats else None
+
+
+def _fused_ma(
+    grads: list[Tensor], states: list[dict[str, Any]], window: int, lamb: float, warmup: bool, mean: bool, stats: bool
+) -> Sums:
+    slots = [st["window"][st["count"] % window] for st in states]
+    wrapped = [float(st["count"] >= window) for st in states]
+    scales = [_ma_scale(st["count"] + 1, window, lamb, warmup, mean) or 0.0 for st in states]
+    device, dtype = states[0]["sum"].device, states[0]["sum"].dtype
+    vectors = (torch.tensor(wrapped, device=device, dtype=dtype), torch.tensor(scales, device=device, dtype=dtype))
+    sums = _fused.run(_ma_kernel, (grads, slots, [st["sum"] for st in states]), vectors, stats)
+    for st in states:
+        st["count"] += 1
+        if st["count"] % window == 0:  # the ring came round: drop the rounding of the running sum
+            torch.sum(st["window"], dim=0, out=st["sum"])
+    return (sums[:, 0], sums[:, 1]) if stats else _NO_SUMS
+
+
 class MAFilter(GradientFilter[MASettings]):
     """Grokfast-MA (the paper's Algorithm 1): add the amplified mean (or sum) of the last gradients.
 
@@ -309,6 +367,8 @@ class MAFilter(GradientFilter[MASettings]):
         fp32_state: keep the state of 16-bit gradients in float32 (see :class:`EMAFilter`).
         skip_nonfinite: skip steps whose gradients hold inf or NaN, leaving state and gradients untouched.
         foreach: multi-tensor ``torch._foreach_*`` path (``None``/``True``) or a per-tensor loop (``False``).
+        fused: one fused kernel per group, built by ``torch.compile`` at the first step (see
+            :class:`~lightning_grokfast.settings.Settings`).
     """
 
     settings_type = MASettings
@@ -324,10 +384,10 @@ class MAFilter(GradientFilter[MASettings]):
         fp32_state: bool = True,
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ) -> None:
-        settings = MASettings(
-            window_size, lamb, warmup, reduction, fp32_state=fp32_state, skip_nonfinite=skip_nonfinite, foreach=foreach
-        )
+        options: dict[str, Any] = {"fp32_state": fp32_state, "skip_nonfinite": skip_nonfinite, "foreach": foreach}
+        settings = MASettings(window_size, lamb, warmup, reduction, fused=fused, **options)
         super().__init__(params, settings)
 
     def _init_state(self, name: str, grad: Tensor) -> dict[str, Any]:
@@ -345,5 +405,5 @@ class MAFilter(GradientFilter[MASettings]):
 
     def _filter(self, group: Group, compute_stats: bool) -> Sums:
         s = self.settings
-        update = _single_tensor_ma if s.foreach is False else _multi_tensor_ma
+        update = {"single": _single_tensor_ma, "multi": _multi_tensor_ma, "fused": _fused_ma}[group.path]
         return update(group.grads, group.states, s.window_size, s.lamb, s.warmup, s.reduction == "mean", compute_stats)

@@ -20,12 +20,14 @@ back in the gradient's dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor
 
+from lightning_grokfast import _fused
 from lightning_grokfast.filters import dots, sq_norms
 from lightning_grokfast.settings import OrthoGradSettings
 from lightning_grokfast.transform import GradientTransform, Group, Params, compute_dtype
@@ -58,14 +60,6 @@ def _flat(tensors: list[Tensor]) -> list[Tensor]:
     return [t.reshape(-1).to(dtype) for t in tensors]
 
 
-def _exact_dots(w: Tensor, g: Tensor) -> Tensor:
-    """``|g|^2, <w, g>, <w, w>`` of one pair in float64 from float64 copies: sums of products without rounding
-    (float32 products are exact in float64), so that a sum over pieces gives ``|g_perp|`` to far below the radial
-    tolerance. One pair at a time, so that the copies stay one tensor's size."""
-    w64, g64 = w.double(), g.double()
-    return torch.stack([torch.dot(g64, g64), torch.dot(w64, g64), torch.dot(w64, w64)])
-
-
 def _coefficients(wg: Tensor, ww: Tensor) -> Tensor:
     """``<w, g> / <w, w>`` per pair, 0 where ``w`` is 0."""
     return torch.where(ww > 0, wg / ww, torch.zeros_like(ww))
@@ -78,28 +72,80 @@ def _rescale(perp_norms: Tensor, g_norms: Tensor, grad_dtype: torch.dtype) -> Te
     return torch.where(perp_norms > tol, g_norms / perp_norms, torch.zeros_like(perp_norms))
 
 
+Total = Optional[Callable[[Tensor, list[int]], Tensor]]  # sharded: sums over the pieces of the tensors at these
+# indices -> sums over the whole tensors (an all-reduce); None when not sharded
+
+
 def _single_tensor_orthograd(
-    ws: list[Tensor], gs: list[Tensor], out: list[Tensor], g_norms: Tensor, coef: Tensor, perp: Optional[Tensor]
+    ws: list[Tensor], gs: list[Tensor], out: list[Tensor], g_norms: Tensor, coef: Tensor, ww: Tensor, total: Total
 ) -> None:
-    for i, (w, g, o, c, g_norm) in enumerate(zip(ws, gs, out, coef, g_norms)):
+    perp = []
+    for w, g, c in zip(ws, gs, coef):
         g.addcmul_(w, c, value=-1.0)
-        g.mul_(_rescale(torch.linalg.vector_norm(g) if perp is None else perp[i], g_norm, o.dtype))
+        perp.append(torch.linalg.vector_norm(g))
+    scale = _rescale(_finish(ws, gs, torch.stack(perp), g_norms, ww, total), g_norms, out[0].dtype)
+    for g, o, s in zip(gs, out, scale):
+        g.mul_(s)
         if g.data_ptr() != o.data_ptr():
             o.copy_(g.view_as(o))
 
 
 def _multi_tensor_orthograd(
-    ws: list[Tensor], gs: list[Tensor], out: list[Tensor], g_norms: Tensor, coef: Tensor, perp: Optional[Tensor]
+    ws: list[Tensor], gs: list[Tensor], out: list[Tensor], g_norms: Tensor, coef: Tensor, ww: Tensor, total: Total
 ) -> None:
-    """``gs``: flat float32-or-wider views or copies of the gradients ``out``; ``ws``: flat weights, alike;
-    ``perp``: the norms of the orthogonal parts when known (sharded), else taken after the projection."""
+    """``gs``: flat float32-or-wider views or copies of the gradients ``out``; ``ws``: flat weights, alike."""
     torch._foreach_addcmul_(gs, ws, list(coef.unbind()), value=-1.0)
-    perp = torch.stack(torch._foreach_norm(gs)) if perp is None else perp
-    scale = _rescale(perp, g_norms, out[0].dtype)
+    perp = _finish(ws, gs, torch.stack(torch._foreach_norm(gs)), g_norms, ww, total)
+    _scale_and_copy(gs, out, _rescale(perp, g_norms, out[0].dtype))
+
+
+def _dots_kernel(ws: list[Tensor], gs: list[Tensor]) -> Tensor:
+    """What the fused path compiles for :meth:`OrthoGrad._prepare`: per tensor ``|g|^2, <w, g>, <w, w>`` in one read
+    of the flat weight and gradient (``<w, w>`` rounds as ``<w, g>`` does)."""
+    return torch.stack([torch.stack([(g * g).sum(), (w * g).sum(), (w * w).sum()]) for w, g in zip(ws, gs)]).double()
+
+
+def _projection_kernel(ws: list[Tensor], gs: list[Tensor], coef: Tensor) -> Tensor:
+    """What :func:`_fused_orthograd` compiles: per tensor, the projection in place and its norm, in one pass."""
+    norms = []
+    for i, (w, g) in enumerate(zip(ws, gs)):
+        g.copy_(g - coef[i] * w)
+        norms.append(torch.linalg.vector_norm(g))
+    return torch.stack(norms)
+
+
+def _fused_orthograd(
+    ws: list[Tensor], gs: list[Tensor], out: list[Tensor], g_norms: Tensor, coef: Tensor, ww: Tensor, total: Total
+) -> None:
+    perp = _finish(ws, gs, _fused.run(_projection_kernel, (ws, gs), (coef,)), g_norms, ww, total)
+    _scale_and_copy(gs, out, _rescale(perp, g_norms, out[0].dtype))
+
+
+def _scale_and_copy(gs: list[Tensor], out: list[Tensor], scale: Tensor) -> None:
     torch._foreach_mul_(gs, list(scale.unbind()))
     copies = [(o, g.view_as(o)) for g, o in zip(gs, out) if g.data_ptr() != o.data_ptr()]
     if copies:  # 16-bit or non-contiguous gradients were worked on in a copy
         torch._foreach_copy_([o for o, _ in copies], [g for _, g in copies])
+
+
+def _finish(ws: list[Tensor], gs: list[Tensor], perp: Tensor, g_norms: Tensor, ww: Tensor, total: Total) -> Tensor:
+    """The norms of the projections ``gs`` of the whole tensors (summed over the pieces when sharded), after a second
+    projection of those whose orthogonal part is below 1e-3 of ``|g|``. There, the rounding of ``<w, g>``, which grows
+    with the tensor's size, can leave a radial remainder that rescaling to ``|g|`` would turn into a step along
+    ``-w`` (seen for a radial gradient of 16M float32 values); once more projected, it is rounding residue again."""
+
+    def whole(sums: Tensor, index: list[int]) -> Tensor:
+        return sums if total is None else total(sums, index)
+
+    perp = whole(perp.double().square(), list(range(len(gs)))).sqrt().to(perp.dtype)
+    near = torch.nonzero(perp < 1e-3 * g_norms).flatten().tolist()
+    if near:
+        w_, g_ = [ws[i] for i in near], [gs[i] for i in near]
+        again = _coefficients(whole(dots(w_, g_), near).to(ww.dtype), ww[near])
+        torch._foreach_addcmul_(g_, w_, list(again.unbind()), value=-1.0)
+        perp = perp.clone()
+        perp[near] = whole(sq_norms(g_), near).sqrt().to(perp.dtype)
+    return perp
 
 
 class OrthoGrad(GradientTransform[OrthoGradSettings]):
@@ -113,6 +159,8 @@ class OrthoGrad(GradientTransform[OrthoGradSettings]):
             embeddings, not biases, LayerNorm gains or scalars).
         skip_nonfinite: skip steps whose gradients hold inf or NaN, leaving the gradients untouched.
         foreach: multi-tensor ``torch._foreach_*`` path (``None``/``True``) or a per-tensor loop (``False``).
+        fused: one fused kernel per group, built by ``torch.compile`` at the first step (see
+            :class:`~lightning_grokfast.settings.Settings`).
 
     Example::
 
@@ -133,8 +181,10 @@ class OrthoGrad(GradientTransform[OrthoGradSettings]):
         *,
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ) -> None:
-        super().__init__(params, OrthoGradSettings(apply_to, skip_nonfinite=skip_nonfinite, foreach=foreach))
+        options: dict[str, Any] = {"skip_nonfinite": skip_nonfinite, "foreach": foreach, "fused": fused}
+        super().__init__(params, OrthoGradSettings(apply_to, **options))
 
     def _selects(self, param: Tensor) -> bool:
         return self.settings.apply_to == "all" or param.dim() >= 2
@@ -147,27 +197,35 @@ class OrthoGrad(GradientTransform[OrthoGradSettings]):
 
     def _prepare(self, group: Group, compute_stats: bool) -> dict[str, Any]:
         ws, gs = _flat(group.params), _flat(group.grads)  # gs: the gradients themselves, or float32 copies
-        if self._sharding is not None:  # exact sums of the pieces, from which |g_perp| follows (see _apply)
-            exact = torch.stack([_exact_dots(w, g) for w, g in zip(ws, gs)]).T
-            return {"sq_norms": exact[0], "wg": exact[1], "ww": exact[2], "ws": ws, "gs": gs}
+        if group.path == "fused":
+            sums = _fused.run(_dots_kernel, (ws, gs), ())
+            return {"sq_norms": sums[:, 0], "wg": sums[:, 1], "ww": sums[:, 2], "ws": ws, "gs": gs}
         # <w, w> rounds as <w, g> does: for a radial gradient the two roundings of one kind cancel
         return {"sq_norms": sq_norms(gs), "wg": dots(ws, gs), "ww": dots(ws, ws), "ws": ws, "gs": gs}
 
     def _apply(self, groups: list[Group], prepared: list[dict[str, Any]], compute_stats: bool) -> OrthoGradStats:
-        update = _single_tensor_orthograd if self.settings.foreach is False else _multi_tensor_orthograd
         radial = raw = 0.0
         for group, pre in zip(groups, prepared):
-            dtype = pre["gs"][0].dtype
-            perp = None
-            if self._sharding is not None:  # the pieces' sums are global: |g_perp|^2 = |g|^2 - <w, g>^2 / <w, w>
-                along = torch.where(pre["ww"] > 0, pre["wg"].square() / pre["ww"], torch.zeros_like(pre["ww"]))
-                perp = (pre["sq_norms"] - along).clamp_min(0).sqrt().to(dtype)
+            update = {"single": _single_tensor_orthograd, "multi": _multi_tensor_orthograd, "fused": _fused_orthograd}
+            dtype = compute_dtype(group.grads[0].dtype)
             wg, ww, g_norms = pre["wg"].to(dtype), pre["ww"].to(dtype), pre["sq_norms"].sqrt().to(dtype)
             coef = _coefficients(wg, ww)
-            update(pre["ws"], pre["gs"], group.grads, g_norms, coef, perp)
+            update[group.path](pre["ws"], pre["gs"], group.grads, g_norms, coef, ww, self._total(group))
             if compute_stats:
                 radial += float((coef * wg).double().sum())
                 raw += float(pre["sq_norms"].sum())
         num = sum(len(g.grads) for g in groups)
         fraction = min(1.0, math.sqrt(radial / raw)) if compute_stats and raw > 0 else None  # rounding: at most 1
         return OrthoGradStats(applied=True, num_tensors=num, radial_fraction=fraction)
+
+    def _total(self, group: Group) -> Total:
+        """Sharded: per-tensor sums over this rank's pieces -> over the whole tensors (the step's second all-reduce,
+        for the norms of the projections); ``None`` otherwise."""
+        if self._sharding is None or group.weights is None:
+            return None
+        sharding, weights = self._sharding, group.weights
+
+        def total(sums: Tensor, index: list[int]) -> Tensor:
+            return sharding.sum(sums.double() * weights[index].to(sums.device))
+
+        return total

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Generic, Optional, TypeVar, Union
 import torch
 from torch import Tensor
 
+from lightning_grokfast import _fused
 from lightning_grokfast._sharded import Sharding, is_sharded, local, sharding_of
 from lightning_grokfast.settings import Settings
 
@@ -72,12 +73,32 @@ OVERFLOW = "<overflow>"  # what nonfinite() returns for finite values whose norm
 ELSEWHERE = "<another rank>"  # a sharded step's non-finite value in another rank's piece
 
 
+LARGE = 2**17  # elements from which a tensor's sum is cheaper to read than the GradScaler kernel (CPU, measured)
+
+
+def _looks_finite(grads: list[Tensor]) -> bool:
+    """``True`` when no gradient holds inf or NaN, in one read of each: the GradScaler's kernel for small tensors (one
+    call, no result tensor per gradient; it multiplies by 1.0 in place, which leaves every value, NaN included, bit
+    for bit), a read-only sum for large ones. ``False`` may also mean that a sum of finite values overflowed."""
+    small, large = [g for g in grads if g.numel() < LARGE], [g for g in grads if g.numel() >= LARGE]
+    if small:
+        found = torch.zeros(1, device=small[0].device)
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(small, found, torch.ones(1, device=found.device))
+        except (RuntimeError, NotImplementedError):  # a device or dtype without the kernel
+            large = grads
+        else:
+            if bool(found):
+                return False
+    return not large or bool(torch.isfinite(torch.stack([g.sum(dtype=compute_dtype(g.dtype)) for g in large])).all())
+
+
 def nonfinite(grads: list[Tensor], names: list[str], sq_norms: Optional[Tensor] = None) -> Optional[str]:
     """``None`` when every gradient is finite and usable; else the name of one that holds inf or NaN, or
     :data:`OVERFLOW` when all values are finite but a squared norm the transform needs overflows.
 
     Given the squared norms a transform computed anyway, those decide (no further read); otherwise one read of the
-    gradients by the kernel GradScaler uses (no result tensor per gradient). Only a bad step scans for the name.
+    gradients (:func:`_looks_finite`). Only a step that looks bad scans the gradients for the name.
     """
     if sq_norms is not None:
         usable = torch.isfinite(sq_norms)
@@ -85,15 +106,10 @@ def nonfinite(grads: list[Tensor], names: list[str], sq_norms: Optional[Tensor] 
             usable &= sq_norms <= torch.finfo(torch.float32).max ** 2
         if bool(usable.all()):
             return None
-    else:
-        found = torch.zeros(1, device=grads[0].device)
-        try:  # multiplies by 1.0 in place, which leaves every value (NaN included) bit for bit
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=found.device))
-            if not bool(found):
-                return None
-        except (RuntimeError, NotImplementedError):  # a device or dtype without the kernel
-            pass
-    return next((n for n, g in zip(names, grads) if not bool(torch.isfinite(g).all())), OVERFLOW)
+    elif _looks_finite(grads):
+        return None
+    bad = next((n for n, g in zip(names, grads) if not bool(torch.isfinite(g).all())), None)
+    return bad if bad is not None or sq_norms is None else OVERFLOW  # a sum's overflow is no reason to skip
 
 
 def unscale_if_needed(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
@@ -138,6 +154,7 @@ class Group:
     grads: list[Tensor] = field(default_factory=list)  # likewise
     states: list[dict[str, Any]] = field(default_factory=list)
     weights: Optional[Tensor] = None  # sharded: 1 / replicas of each piece, so that a sum over ranks counts it once
+    path: str = "multi"  # the implementation that updates it: "single" (per tensor), "multi" (foreach) or "fused"
 
     def state(self, key: str) -> list[Any]:
         """One state entry of every parameter, in order."""
@@ -350,10 +367,24 @@ class GradientTransform(Generic[S]):
             group.grads.append(g)
         if repeated:
             self._on_repeated(repeated)
-        if self._sharding is not None:
-            for group in groups.values():
+        for group in groups.values():
+            group.path = self._path(group.grads[0].device)
+            if self._sharding is not None:
                 group.weights = self._sharding.weights(group.names, group.grads[0].device)
         return list(groups.values())
+
+    def _path(self, device: torch.device) -> str:
+        """The implementation the settings choose for gradients on ``device``: ``fused=None`` is the path of
+        ``foreach``, unless the environment variable ``LIGHTNING_GROKFAST_FUSED=1`` asks for fused kernels where they
+        can be built."""
+        fused = self.settings.fused
+        if fused or (fused is None and os.environ.get("LIGHTNING_GROKFAST_FUSED") == "1"):
+            reason = _fused.unavailable(device)
+            if reason is None:
+                return "fused"
+            if fused:
+                raise RuntimeError(f"{type(self).__name__}(fused=True): {reason}. Use fused=False or None.")
+        return "single" if self.settings.foreach is False else "multi"
 
     def _agree(self, groups: list[Group], prepared: list[dict[str, Any]], reason: Optional[str]) -> Optional[str]:
         """Sharded: add up every rank's partial reductions (in place in ``prepared``) and its non-finite verdict, in

@@ -60,13 +60,8 @@ class NaiveMA:
     def __init__(
         self, window_size: int, lamb: float, warmup: bool = True, reduction: str = "mean", feedback: bool = False
     ) -> None:
-        self.size, self.lamb, self.warmup, self.reduction, self.feedback = (
-            window_size,
-            lamb,
-            warmup,
-            reduction,
-            feedback,
-        )
+        self.size, self.lamb, self.warmup, self.reduction = window_size, lamb, warmup, reduction
+        self.feedback = feedback
         self.window: dict[str, list[Tensor]] = {}
 
     def step(self, grads: Mapping[str, Tensor | None]) -> Grads:

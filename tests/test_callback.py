@@ -49,56 +49,28 @@ from lightning_grokfast import EMAFilter, GrokfastCallback, OrthoGrad, OrthoGrad
 
 # ---------------------------------------------------------------------------------------------- arguments
 
-BAD = [
-    ("filter", "sma", r"`filter` must be one of 'ema', 'ma', got 'sma'"),
-    ("alpha", 1.0, r"`alpha` must be a number in \[0, 1\).*got 1\.0"),
-    ("alpha", math.nan, r"`alpha` must be a number in \[0, 1\).*got nan"),
-    ("alpha", "0.9", r"`alpha` must be a number in \[0, 1\).*got '0\.9'"),
-    ("lamb", -1.0, r"`lamb` must be a finite number >= 0.*got -1\.0"),
-    ("lamb", math.inf, r"`lamb` must be a finite number >= 0.*got inf"),
-    ("window_size", 2.5, r"`window_size` must be an integer >= 1, got 2\.5"),
-    ("window_size", True, r"`window_size` must be an integer >= 1, got True"),
-    ("warmup", "yes", r"`warmup` must be True or False, got 'yes'"),
-    ("reduction", "median", r"`reduction` must be one of 'mean', 'sum', got 'median'"),
-    ("fp32_state", "no", r"`fp32_state` must be True or False, got 'no'"),
-    ("log_diagnostics", 1, r"`log_diagnostics` must be True or False, got 1"),
-    ("skip_nonfinite", None, r"`skip_nonfinite` must be True or False, got None"),
-    ("foreach", "auto", r"`foreach` must be True or False, got 'auto'"),
-]
-
-
-@pytest.mark.parametrize(("name", "value", "message"), BAD, ids=lambda v: str(v)[:12])
-def test_bad_argument_is_refused_in_the_constructor_naming_it(name: str, value: Any, message: str) -> None:
-    """Those of the filter not chosen too (``window_size`` with the default ``"ema"``): a typo fails at once."""
-    with pytest.raises(ValueError, match=message):
-        GrokfastCallback(**{name: value})
-
 
 @pytest.mark.parametrize("cls", [GrokfastCallback, OrthoGradCallback])
-def test_every_argument_is_typed_documented_and_checked(cls: type) -> None:
-    """LightningCLI builds its parser and --help from the type hints and the ``Args:`` docstring."""
+def test_every_argument_is_typed_documented_and_checked_in_the_constructor(cls: type) -> None:
+    """LightningCLI builds its parser and --help from the type hints and the ``Args:`` docstring; a bad value of any
+    argument, those of the filter not chosen too (``window_size`` with the default ``"ema"``), fails at once naming
+    it (the messages of each check: ``test_transforms``)."""
     doc, params = inspect.getdoc(cls) or "", inspect.signature(cls).parameters
     for name, param in params.items():
         assert param.annotation is not inspect.Parameter.empty, name
         assert f"    {name}: " in doc, f"{name} missing from the Args: section"
-        with pytest.raises(ValueError, match=f"`{name}`"):
+        with pytest.raises(ValueError, match=f"`{name}` must be .* got <object"):
             cls(**{name: object()})
-    if cls is GrokfastCallback:
-        assert {name for name, _, _ in BAD} == set(params)
+    with pytest.raises(ValueError, match=r"`filter` must be one of 'ema', 'ma', got 'sma'"):
+        GrokfastCallback(filter="sma")
 
 
-def test_settings_lamb_default_per_filter_numpy_numbers_and_edges() -> None:
+def test_lamb_defaults_to_the_papers_per_filter_and_numbers_are_stored_as_python_ones() -> None:
     assert GrokfastCallback().settings.lamb == 2.0 and GrokfastCallback(filter="ma").settings.lamb == 5.0
     assert GrokfastCallback(filter="ma", lamb=0.0).settings.lamb == 0.0
-    edges = GrokfastCallback(filter="ma", alpha=0, lamb=0, window_size=1, foreach=False).settings
-    assert (edges.lamb, edges.window_size, edges.kind) == (0.0, 1, "ma")
     cb = GrokfastCallback(alpha=np.float32(0.9), lamb=np.float64(1.0), window_size=np.int64(10))
     assert cb.config() == {"filter": "ema", "alpha": float(np.float32(0.9)), "lamb": 1.0}
     assert type(cb.settings.alpha) is float
-    assert type(GrokfastCallback(filter="ma", window_size=np.int64(3)).settings.window_size) is int
-    for bad in (True, np.bool_(True)):
-        with pytest.raises(ValueError, match="`alpha`"):
-            GrokfastCallback(alpha=bad)
 
 
 # ---------------------------------------------------------------------------------------------- parity
@@ -151,8 +123,8 @@ def test_ma_matches_reference(window_size: int, warmup: bool, reduction: str, fo
 
 @pytest.mark.parametrize("kind", ["ema", "ma"])
 def test_lamb_zero_leaves_raw_gradients_bit_for_bit_and_lamb_does_not(kind: str) -> None:
-    assert_state_equal(run(filter=kind, alpha=0.9, lamb=0.0, window_size=3, warmup=False).filtered.steps,
-                       run(filter=kind, alpha=0.9, lamb=0.0, window_size=3, warmup=False).raw.steps)  # fmt: skip
+    inert = run(filter=kind, alpha=0.9, lamb=0.0, window_size=3, warmup=False)
+    assert_state_equal(inert.filtered.steps, inert.raw.steps)
     raw, filtered, *_ = run(steps=4, filter=kind, alpha=0.9, lamb=2.0, window_size=3, warmup=False)
     assert max_rel_diff([{"w": raw.steps[2]["net.0.weight"]}], [{"w": filtered.steps[2]["net.0.weight"]}]) > 0.1
 

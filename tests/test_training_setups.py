@@ -385,7 +385,7 @@ def test_16bit_training_is_the_float64_algorithm_rounded_once(precision: str, ki
     assert worst(result.filtered.steps) <= tolerance
     # the same raw gradients through a state of the gradient's dtype (fp32_state=False) are off by more
     params = {n: nn.Parameter(torch.zeros_like(g)) for n, g in present(result.raw.steps[0]).items()}
-    narrow, out = (EMAFilter if kind == "ema" else MAFilter)(params.items(), **args, fp32_state=False), []
+    narrow, out = (EMAFilter if kind == "ema" else MAFilter)(params.items(), **args, fp32_state=False, fused=False), []
     for step in result.raw.steps:
         for n, p in params.items():
             p.grad = None if step[n] is None else step[n].clone()
@@ -505,4 +505,3 @@ def test_state_is_flat_over_a_long_fit(tmp_path: Path, kind: str, copies: int) -
         assert (count, nbytes, graph) == (len(trainable) * (1 if kind == "ema" else 2),
                                           copies * sum(4 * p.numel() for p in trainable), False), step  # fmt: skip
     assert len(probe.live) == 5 and max(probe.live) - min(probe.live) <= 2, probe.live
-
