@@ -188,6 +188,9 @@ def _fused_ema(grads: list[Tensor], mus: list[Tensor], alpha: float, lamb: float
     return (sums[:, 0], sums[:, 1]) if stats else _NO_SUMS
 
 
+_EMA = {"single": _single_tensor_ema, "multi": _multi_tensor_ema, "fused": _fused_ema}  # by Group.path
+
+
 class EMAFilter(GradientFilter[EMASettings]):
     """Grokfast-EMA (the paper's Algorithm 2): add an amplified exponential moving average of the gradient.
 
@@ -242,8 +245,7 @@ class EMAFilter(GradientFilter[EMASettings]):
         check_tensor(name, "mu", entry.get("mu"), tuple(param.shape))
 
     def _filter(self, group: Group, compute_stats: bool) -> Sums:
-        update = {"single": _single_tensor_ema, "multi": _multi_tensor_ema, "fused": _fused_ema}[group.path]
-        return update(group.grads, group.state("mu"), self.settings.alpha, self.settings.lamb, compute_stats)
+        return _EMA[group.path](group.grads, group.state("mu"), self.settings.alpha, self.settings.lamb, compute_stats)
 
 
 # ---------------------------------------------------------------------------------------------- MA
@@ -345,6 +347,9 @@ def _fused_ma(
     return (sums[:, 0], sums[:, 1]) if stats else _NO_SUMS
 
 
+_MA = {"single": _single_tensor_ma, "multi": _multi_tensor_ma, "fused": _fused_ma}  # by Group.path
+
+
 class MAFilter(GradientFilter[MASettings]):
     """Grokfast-MA (the paper's Algorithm 1): add the amplified mean (or sum) of the last gradients.
 
@@ -405,5 +410,6 @@ class MAFilter(GradientFilter[MASettings]):
 
     def _filter(self, group: Group, compute_stats: bool) -> Sums:
         s = self.settings
-        update = {"single": _single_tensor_ma, "multi": _multi_tensor_ma, "fused": _fused_ma}[group.path]
-        return update(group.grads, group.states, s.window_size, s.lamb, s.warmup, s.reduction == "mean", compute_stats)
+        return _MA[group.path](
+            group.grads, group.states, s.window_size, s.lamb, s.warmup, s.reduction == "mean", compute_stats
+        )

@@ -137,7 +137,8 @@ def _finish(ws: list[Tensor], gs: list[Tensor], perp: Tensor, g_norms: Tensor, w
     def whole(sums: Tensor, index: list[int]) -> Tensor:
         return sums if total is None else total(sums, index)
 
-    perp = whole(perp.double().square(), list(range(len(gs)))).sqrt().to(perp.dtype)
+    if total is not None:
+        perp = total(perp.double().square(), list(range(len(gs)))).sqrt().to(perp.dtype)
     near = torch.nonzero(perp < 1e-3 * g_norms).flatten().tolist()
     if near:
         w_, g_ = [ws[i] for i in near], [gs[i] for i in near]
@@ -146,6 +147,9 @@ def _finish(ws: list[Tensor], gs: list[Tensor], perp: Tensor, g_norms: Tensor, w
         perp = perp.clone()
         perp[near] = whole(sq_norms(g_), near).sqrt().to(perp.dtype)
     return perp
+
+
+_ORTHOGRAD = {"single": _single_tensor_orthograd, "multi": _multi_tensor_orthograd, "fused": _fused_orthograd}
 
 
 class OrthoGrad(GradientTransform[OrthoGradSettings]):
@@ -206,11 +210,10 @@ class OrthoGrad(GradientTransform[OrthoGradSettings]):
     def _apply(self, groups: list[Group], prepared: list[dict[str, Any]], compute_stats: bool) -> OrthoGradStats:
         radial = raw = 0.0
         for group, pre in zip(groups, prepared):
-            update = {"single": _single_tensor_orthograd, "multi": _multi_tensor_orthograd, "fused": _fused_orthograd}
             dtype = compute_dtype(group.grads[0].dtype)
             wg, ww, g_norms = pre["wg"].to(dtype), pre["ww"].to(dtype), pre["sq_norms"].sqrt().to(dtype)
             coef = _coefficients(wg, ww)
-            update[group.path](pre["ws"], pre["gs"], group.grads, g_norms, coef, ww, self._total(group))
+            _ORTHOGRAD[group.path](pre["ws"], pre["gs"], group.grads, g_norms, coef, ww, self._total(group))
             if compute_stats:
                 radial += float((coef * wg).double().sum())
                 raw += float(pre["sq_norms"].sum())
