@@ -9,8 +9,9 @@ A step reads as the algorithm:
 4. **place** the state next to the gradients (created at a parameter's first gradient, moved after a load);
 5. **apply** the subclass's arithmetic to each group in place, and report what it did.
 
-A subclass sets ``settings_type``, implements ``_apply`` (and ``_prepare``, ``_new_state``, ``_check_entry`` if
-it needs them) and a ``_single_tensor_*`` / ``_multi_tensor_*`` pair of functions of one signature, chosen once.
+A subclass sets ``settings_type``, implements ``_apply`` (and ``_prepare``, ``_init_state``, ``_check_entry`` if
+it needs them) and ``_single_tensor_*`` / ``_multi_tensor_*`` / ``_fused_*`` functions of one signature, one of
+which :meth:`GradientTransform._path` chooses per group.
 """
 
 from __future__ import annotations
